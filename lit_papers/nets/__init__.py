@@ -1,0 +1,1 @@
+"""Plain torch.nn architectures, one file per paper. Nothing here imports Lightning."""

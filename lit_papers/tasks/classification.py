@@ -1,0 +1,116 @@
+"""Supervised image classification: the training objective of AlexNet, VGG, GoogLeNet and ResNet.
+
+The task owns the loss, the metrics and the optimisation schedule; the architecture comes in as `net` (any module from
+`lit_papers.nets`, or any `nn.Module` that maps images to logits and has `num_classes`). Optimizer and LR scheduler are
+callables injected from the config, so a new recipe is a YAML file, not new code.
+"""
+
+from __future__ import annotations
+
+import math
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_papers.tasks.base import save_task_hyperparameters
+
+
+class ImageClassifier(L.LightningModule):
+    """Train and evaluate an image classifier with cross-entropy.
+
+    Logs `train/loss`, `train/acc1`, `val/loss`, `val/acc1`, `val/acc5` (top-5 only with >= 5 classes) and the same under
+    `test/`. Evaluation batches of shape `(B, ncrops, C, H, W)` (10-crop testing) are scored by averaging the softmax
+    over the crops, as in AlexNet and ResNet.
+
+    Args:
+        net: the architecture; must map `(B, C, H, W)` images to `(B, num_classes)` logits and expose `num_classes`.
+        optimizer: builds the optimizer from the parameters, e.g. `torch.optim.SGD` with its `init_args` in the config.
+        lr_scheduler: builds an LR scheduler from the optimizer; `None` keeps the learning rate constant.
+        scheduler_interval: step the scheduler every "epoch" or every optimizer "step" (iteration-based recipes).
+        monitor: the metric a `ReduceLROnPlateau` scheduler watches (AlexNet's "divide by 10 when validation error
+            stops improving").
+        label_smoothing: cross-entropy label smoothing (0 = plain cross-entropy, as in all the CNN papers here).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        monitor: str = "val/loss",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        save_task_hyperparameters(self, live_objects=["net", "optimizer", "lr_scheduler"])
+        if not hasattr(net, "num_classes"):
+            raise TypeError(f"{type(net).__name__} has no `num_classes` attribute; the classifier task needs it for metrics.")
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self.monitor = monitor
+        self.label_smoothing = label_smoothing
+
+        num_classes = net.num_classes
+        topk = {"acc1": 1, "acc5": 5} if num_classes >= 5 else {"acc1": 1}
+        metrics = MetricCollection(
+            {name: MulticlassAccuracy(num_classes, top_k=k, average="micro") for name, k in topk.items()}
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        logits = self.net(images)  # (B, num_classes)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        self.train_metrics["acc1"].update(logits.detach(), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc1", self.train_metrics["acc1"], on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> None:
+        images, targets = batch
+        if images.ndim == 5:  # (B, ncrops, C, H, W): average the crops' softmax, as in the papers' 10-crop testing
+            b, ncrops = images.shape[:2]
+            logits = self.net(images.flatten(0, 1)).view(b, ncrops, -1)
+            log_probs = logits.log_softmax(-1).logsumexp(1) - math.log(ncrops)  # log of the mean probability
+        else:
+            log_probs = self.net(images).log_softmax(-1)  # (B, num_classes)
+        loss = F.nll_loss(log_probs, targets)
+        metrics.update(log_probs, targets)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if images.ndim == 5:
+            return self.net(images.flatten(0, 1)).view(*images.shape[:2], -1).softmax(-1).mean(1)
+        return self.net(images).softmax(-1)  # (B, num_classes) class probabilities
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": self.monitor},
+        }

@@ -1,0 +1,72 @@
+"""The `lit-papers` CLI and the classifier task, driven through `main([...])` as users and notebooks do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from lit_papers.cli import main
+from lit_papers.nets.resnet import CifarResNet
+from lit_papers.tasks.classification import ImageClassifier
+from conftest import REPO_ROOT
+
+QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
+TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false"]
+
+
+def test_main_ignores_sys_argv_and_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["pytest", "--not-a-cli-flag"])
+    cli = main(["fit", "--config", QUICKSTART, *TINY])
+    metrics = cli.trainer.callback_metrics
+    assert {"train/loss", "val/loss", "val/acc1", "val/acc5"} <= set(metrics)
+    assert 0.0 <= float(metrics["val/acc1"]) <= 1.0
+    log_dir = tmp_path / "runs/quickstart/digits_resnet20/version_0"
+    assert (log_dir / "config.yaml").exists(), "the resolved config is saved with every run"
+    assert list((log_dir / "checkpoints").glob("best-*.ckpt")), "the best checkpoint is saved"
+    out = capsys.readouterr()
+    assert "best val/acc1" in out.out + out.err and "best checkpoint" in out.out + out.err
+
+
+def test_second_run_in_same_folder_does_not_fail_on_saved_config(tmp_path):
+    logger = ["--trainer.logger=false", "--trainer.default_root_dir=same_dir"]
+    main(["fit", "--config", QUICKSTART, *TINY, *logger])
+    main(["fit", "--config", QUICKSTART, *TINY, *logger])
+    assert (tmp_path / "same_dir" / "config.yaml").exists()
+
+
+def test_print_config_output_reruns_unchanged(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+    cli = main(["fit", "--config", str(tmp_path / "printed.yaml"), *TINY])
+    assert "val/acc1" in cli.trainer.callback_metrics
+
+
+def test_load_from_checkpoint_rebuilds_the_net_without_arguments(tmp_path):
+    cli = main(["fit", "--config", QUICKSTART, *TINY])
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    restored = ImageClassifier.load_from_checkpoint(ckpt)
+    assert isinstance(restored.net, CifarResNet) and restored.net.num_classes == 10
+    x = torch.randn(2, 3, 32, 32)
+    cli.model.eval(), restored.eval()
+    torch.testing.assert_close(restored(x), cli.model(x))
+
+
+def test_console_script_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "from lit_papers.cli import console_main; console_main()", "fit", "--help"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--model" in result.stdout and "--data" in result.stdout
