@@ -19,7 +19,7 @@ QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
 TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false"]
 
 
-def test_main_ignores_sys_argv_and_trains(tmp_path, monkeypatch, capsys):
+def test_main_ignores_sys_argv_and_trains(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(sys, "argv", ["pytest", "--not-a-cli-flag"])
     cli = main(["fit", "--config", QUICKSTART, *TINY])
     metrics = cli.trainer.callback_metrics
@@ -28,15 +28,14 @@ def test_main_ignores_sys_argv_and_trains(tmp_path, monkeypatch, capsys):
     log_dir = tmp_path / "runs/quickstart/digits_resnet20/version_0"
     assert (log_dir / "config.yaml").exists(), "the resolved config is saved with every run"
     assert list((log_dir / "checkpoints").glob("best-*.ckpt")), "the best checkpoint is saved"
-    out = capsys.readouterr()
-    assert "best val/acc1" in out.out + out.err and "best checkpoint" in out.out + out.err
+    assert "best val/acc1" in caplog.text and "best checkpoint" in caplog.text and str(log_dir.name) in caplog.text
 
 
 def test_second_run_in_same_folder_does_not_fail_on_saved_config(tmp_path):
-    logger = ["--trainer.logger=false", "--trainer.default_root_dir=same_dir"]
-    main(["fit", "--config", QUICKSTART, *TINY, *logger])
-    main(["fit", "--config", QUICKSTART, *TINY, *logger])
-    assert (tmp_path / "same_dir" / "config.yaml").exists()
+    same_version = ["--trainer.logger.init_args.version=fixed"]
+    main(["fit", "--config", QUICKSTART, *TINY, *same_version])
+    main(["fit", "--config", QUICKSTART, *TINY, *same_version])
+    assert (tmp_path / "runs/quickstart/digits_resnet20/fixed/config.yaml").exists()
 
 
 def test_print_config_output_reruns_unchanged(tmp_path, capsys):
