@@ -1,5 +1,5 @@
-"""DataModules on small files written here in the real formats: ImageNet-layout JPEG folders (with broken and odd files),
-CIFAR python pickles and image folders, MNIST IDX (raw and .gz); the statistics command; offline error messages."""
+"""DataModules on small files written here in the real formats: ImageNet-layout JPEG folders (with broken and odd
+files), CIFAR python pickles and image folders, MNIST IDX (raw and .gz); the statistics command; offline errors."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_imagenet_batches_are_normalised_224_crops(imagenet_root):
     xv, yv = next(iter(dm.val_dataloader()))
     img = Image.open(dm.val_set.path(0)).convert("RGB")
     w, h = img.size
-    img = img.resize((round(w * 256 / h), 256) if h < w else (256, round(h * 256 / w)), Image.BILINEAR)
+    img = img.resize((int(w * 256 / h), 256) if h < w else (256, int(h * 256 / w)), Image.BILINEAR)
     left, top = (img.width - 224) // 2, (img.height - 224) // 2
     ref = torch.from_numpy(np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255)
     ref = (ref - torch.tensor(T.IMAGENET_MEAN)) / torch.tensor(T.IMAGENET_STD)
@@ -133,10 +133,13 @@ def test_bad_image_raise_names_the_file(bad_root, kind):
 
 def test_bad_image_raise_from_a_worker_process(bad_root):
     root, files = bad_root
-    dm = ImageNetDataModule(root, batch_size=32, num_workers=1, bad_images="raise", persistent_workers=False)
+    dm = ImageNetDataModule(root, batch_size=6, num_workers=1, bad_images="raise", persistent_workers=False)
     dm.setup("fit")
+    batches = iter(dm.train_dataloader())
     with pytest.raises(BadImageError, match=r"cannot read image .*/n01/(empty|truncated)\.JPEG"):
-        next(iter(dm.train_dataloader()))
+        for _ in batches:
+            pass
+    batches._shutdown_workers()  # else torch waits 5 s for the worker when the failed iterator is garbage-collected
 
 
 def test_bad_image_skip_logs_counts_and_keeps_batches_full(bad_root, caplog):
@@ -148,7 +151,8 @@ def test_bad_image_skip_logs_counts_and_keeps_batches_full(bad_root, caplog):
             batches = [x for x, _ in dm.train_dataloader()]
     assert sorted(dm.train_set.skipped) == sorted([str(files["empty"]), str(files["truncated"])])
     assert len(caplog.records) == 2 and "2 skipped so far" in caplog.records[-1].getMessage()
-    assert all(str(files["empty"]) in r.getMessage() or str(files["truncated"]) in r.getMessage() for r in caplog.records)
+    named = [str(files["empty"]) in r.getMessage() or str(files["truncated"]) in r.getMessage() for r in caplog.records]
+    assert all(named)
     assert len(batches) == len(dm.train_set) // 6 and all(x.shape == (6, 3, 224, 224) for x in batches)
 
 
@@ -177,10 +181,11 @@ def test_stats_command_recovers_a_known_colour_covariance(tmp_path, capsys):
     cov = basis @ np.diag([0.01, 0.002, 0.0005]) @ basis.T
     for split in ("train", "val"):
         (tmp_path / split / "a").mkdir(parents=True)
+    train_images = []
     for i in range(16):  # lossless PNG: JPEG's chroma subsampling would smooth iid pixel noise away
-        pixels = rng.multivariate_normal(mu, cov, size=(48, 48))
-        img = Image.fromarray(np.clip(np.round(pixels * 255), 0, 255).astype(np.uint8))
-        img.save(tmp_path / ("val" if i == 15 else "train") / "a" / f"{i}.png")
+        pixels = np.clip(np.round(rng.multivariate_normal(mu, cov, size=(48, 48)) * 255), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / ("val" if i == 15 else "train") / "a" / f"{i}.png")
+        train_images += [pixels] if i < 15 else []
     (tmp_path / "train" / "a" / "broken.png").write_bytes(b"")
     stats_main([str(tmp_path), "--out", str(tmp_path / "stats.pt"), "--size", "48"])
     assert "15 images (1 unreadable, skipped)" in capsys.readouterr().out
@@ -190,7 +195,8 @@ def test_stats_command_recovers_a_known_colour_covariance(tmp_path, capsys):
     assert torch.allclose(stats.eigval, torch.tensor([0.01, 0.002, 0.0005]), rtol=0.1)
     assert torch.allclose(stats.mean, torch.tensor(mu, dtype=torch.float32), atol=3e-3)
     assert torch.allclose(stats.std, torch.tensor(np.sqrt(np.diag(cov)), dtype=torch.float32), rtol=0.03)
-    assert stats.mean_image.shape == (3, 48, 48) and (stats.mean_image - stats.mean[:, None, None]).abs().max() < 0.1
+    mean_image = torch.from_numpy(np.mean(train_images, axis=0) / 255).permute(2, 0, 1).float()
+    assert stats.mean_image.shape == (3, 48, 48) and torch.allclose(stats.mean_image, mean_image, atol=1e-5)
     # The file is what the DataModules' `stats=` takes, down to the per-pixel mean.
     dm = ImageNetDataModule(tmp_path, batch_size=5, num_workers=0, stats=tmp_path / "stats.pt", per_pixel_mean=True,
                             crop_size=40, resize=48)
@@ -288,7 +294,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
 
 
-@pytest.mark.parametrize(("cls", "where", "suffix"), [(MNISTDataModule, "", ""), (FashionMNISTDataModule, "FashionMNIST/raw", ".gz")])
+@pytest.mark.parametrize(
+    ("cls", "where", "suffix"), [(MNISTDataModule, "", ""), (FashionMNISTDataModule, "FashionMNIST/raw", ".gz")]
+)
 def test_mnist_idx_files_raw_and_gz(tmp_path, cls, where, suffix):
     rng = np.random.default_rng(2)
     folder = tmp_path / where
@@ -323,3 +331,51 @@ def test_unknown_validation_class_is_an_error(imagenet_root, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "extra" / "x.jpg")
     with pytest.raises(ValueError, match="class folders that the training split lacks"):
         ImageFolderDataset(tmp_path, ["other"])
+
+
+def test_gpu_augment_inside_a_lightning_fit(imagenet_root):
+    """The real Trainer calls the hook: training batches arrive finished, validation batches untouched."""
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(3, 3)
+            self.seen: list[tuple[str, torch.dtype, tuple]] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.seen.append(("train", x.dtype, tuple(x.shape)))
+            return torch.nn.functional.cross_entropy(self.head(x.mean((2, 3))), y)
+
+        def validation_step(self, batch, batch_idx):
+            self.seen.append(("val", batch[0].dtype, tuple(batch[0].shape)))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = ImageNetDataModule(imagenet_root, batch_size=4, num_workers=0, crop_size=32, resize=40, gpu_augment=True)
+    probe = Probe()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(probe, datamodule=dm)
+    assert set(probe.seen) == {("train", torch.float32, (4, 3, 32, 32)), ("val", torch.float32, (4, 3, 32, 32)),
+                                       ("val", torch.float32, (2, 3, 32, 32))}
+
+
+CIFAR_JPG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR_JPG.is_file(), reason="needs ../shared/data/cifar10-jpg.tar.gz")
+def test_cifar10_real_jpeg_copy(tmp_path):
+    import tarfile
+
+    with tarfile.open(CIFAR_JPG) as archive:
+        archive.extractall(tmp_path, filter="data")
+    dm = CIFAR10DataModule(tmp_path, batch_size=500, num_workers=0, download=False)
+    dm.prepare_data(), dm.setup("fit")
+    assert len(dm.train_set) == 50000 and len(dm.test_set) == 10000
+    assert dm.train_set.labels.bincount().tolist() == [5000] * 10
+    x = torch.cat([x for x, _ in dm.test_dataloader()])  # normalised with the standard CIFAR-10 mean/std
+    assert x.mean((0, 2, 3)).abs().max() < 0.05 and (x.std((0, 2, 3)) - 1).abs().max() < 0.05

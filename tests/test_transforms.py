@@ -119,9 +119,10 @@ def test_resnet_scale_augmentation_range():
 
 
 def coordinate_image(size: int, step: int) -> torch.Tensor:
-    """uint8 (3, size, size): R = (row + 1) * step, G = (col + 1) * step, so any crop reveals its offset (0 = padding)."""
+    """uint8 (3, size, size): R = (row + 1) * step, G = (col + 1) * step: a crop reveals its offset (0 = padding)."""
     idx = (torch.arange(size) + 1) * step
-    return torch.stack([idx[:, None].expand(size, size), idx[None, :].expand(size, size), torch.zeros(size, size)]).byte()
+    rows, cols = idx[:, None].expand(size, size), idx[None, :].expand(size, size)
+    return torch.stack([rows, cols, torch.zeros(size, size)]).byte()
 
 
 def recover_geometry(out: torch.Tensor, img: torch.Tensor, pad: int, step: int) -> tuple[int, int, bool]:
@@ -196,3 +197,21 @@ def test_missing_statistics_are_reported():
         T.alexnet_train(stats=plain)
     with pytest.raises(ValueError, match="unknown pipeline"):
         T.device_train_pipeline("vgg")
+
+
+@pytest.mark.parametrize("name", ["resnet", "mae"])
+def test_device_split_of_resnet_and_mae_matches_per_image(name, photo):
+    small = photo[:, ::8, ::8]  # (3, 54, 80)
+    kw = dict(crop_size=24, stats=T.DatasetStats.imagenet())
+    if name == "resnet":
+        per_image = T.resnet_train(scale_range=(28, 40), **kw)
+        worker, batch_aug = T.device_train_pipeline("resnet", scale_range=(28, 40), **kw)
+    else:
+        per_image = T.mae_train(**kw)
+        worker, batch_aug = T.device_train_pipeline("mae", **kw)
+    shipped = torch.stack([worker(small) for _ in range(400)])
+    assert shipped.dtype == torch.uint8 and shipped.shape == (400, 3, 24, 24)
+    a, b = torch.stack([per_image(small) for _ in range(400)]), batch_aug(shipped)
+    assert b.shape == a.shape and b.dtype == a.dtype
+    assert torch.allclose(a.mean((0, 2, 3)), b.mean((0, 2, 3)), atol=0.05)
+    assert torch.allclose(a.std((0, 2, 3)), b.std((0, 2, 3)), rtol=0.05)

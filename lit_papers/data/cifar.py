@@ -51,7 +51,7 @@ class InMemoryDataset(Dataset):
 
 
 def stratified_split(labels: Tensor, val_size: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Indices `(train, val)` holding out `val_size` samples with equal class shares; the same split for a given seed."""
+    """Indices `(train, val)` holding out `val_size` samples in equal class shares; a given seed gives one split."""
     generator = torch.Generator().manual_seed(seed)
     classes = labels.unique()
     per_class = [val_size // len(classes) + (i < val_size % len(classes)) for i in range(len(classes))]

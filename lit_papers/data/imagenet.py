@@ -54,11 +54,11 @@ def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
             (1/2, 1/4, 1/8) that still keeps this short side, several times faster than full decoding + resizing.
     """
     try:
-        img = Image.open(path)
-        if draft_size is not None and img.format == "JPEG":
-            scale = draft_size / min(img.size)
-            img.draft(img.mode, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-        img.load()  # decode now, so a truncated file fails here with its name rather than later in a transform
+        with Image.open(path) as img:  # closes the file even when decoding fails
+            if draft_size is not None and img.format == "JPEG":
+                scale = draft_size / min(img.size)
+                img.draft(img.mode, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+            img.load()  # decode now, so a truncated file fails here with its name rather than later in a transform
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise BadImageError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
     if img.mode in ("P", "PA", "LA", "RGBA"):
@@ -146,13 +146,14 @@ class ImageFolderDataset(Dataset):
                         raise BadImageError(f"{err} (pass bad_images='skip' to drop unreadable files)") from None
                     self._bad.add(index)
                     self.skipped.append(str(self.path(index)))
-                    log.warning("skipping unreadable image (%d skipped so far in this process): %s", len(self.skipped), err)
+                    count = len(self.skipped)
+                    log.warning("skipping unreadable image (%d skipped so far in this process): %s", count, err)
             index = (index + 1) % len(self)
-        raise BadImageError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row up to {self.path(index)}; is it an image folder?")
+        raise BadImageError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row up to {self.path(index)}")
 
 
 class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
-    """ImageNet-layout folders with the AlexNet, ResNet or MAE training pipeline; `num_classes` is known at construction.
+    """ImageNet-layout folders with the AlexNet, ResNet or MAE training pipeline; `num_classes` is set at construction.
 
     Args:
         root: folder holding `train/<class>/<image>` and `val/<class>/<image>`.
@@ -175,6 +176,8 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         resize: short side before the centre frame/crop (AlexNet training frame and evaluation).
         scale_range: short-side range of the "resnet" pipeline's scale augmentation.
         alphastd: standard deviation of the PCA lighting coefficients ("alexnet", "resnet"); 0 turns it off.
+        min_scale: smallest crop area fraction of the "mae" pipeline's RandomResizedCrop (0.2 pre-training; the MAE
+            linear probe uses torchvision's default 0.08).
     """
 
     def __init__(
@@ -195,6 +198,7 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         resize: int = 256,
         scale_range: tuple[int, int] = (256, 480),
         alphastd: float = 0.1,
+        min_scale: float = 0.2,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, seed)
         if pipeline not in ("alexnet", "resnet", "mae"):
@@ -206,30 +210,37 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         self.root = Path(root).expanduser()
         self.pipeline, self.bad_images, self.gpu_augment, self.ten_crop = pipeline, bad_images, gpu_augment, ten_crop
         self.per_pixel_mean, self.crop_size, self.resize = per_pixel_mean, crop_size, resize
-        self.scale_range, self.alphastd = tuple(scale_range), alphastd
+        self.scale_range, self.alphastd, self.min_scale = tuple(scale_range), alphastd, min_scale
         self.stats = DatasetStats.load(stats) if stats is not None else DatasetStats.imagenet()
         self.classes = find_classes(self.root / "train", self.root)
         self.num_classes = len(self.classes)
 
-    def _train_transform(self) -> tuple[Callable, int | None]:
-        """The per-image training pipeline and the short side it needs from the decoder."""
+    def _train_transform(self) -> Callable[[Tensor], Tensor]:
+        """The per-image training pipeline, or with `gpu_augment` its worker half (setting the batch half)."""
         kw = dict(crop_size=self.crop_size, stats=self.stats)
+        if self.gpu_augment:
+            worker, self.train_batch_augment = device_train_pipeline(
+                self.pipeline, resize=self.resize, scale_range=self.scale_range, min_scale=self.min_scale,
+                alphastd=self.alphastd, per_pixel_mean=self.per_pixel_mean, **kw,
+            )
+            return worker
         if self.pipeline == "alexnet":
-            return alexnet_train(resize=self.resize, alphastd=self.alphastd, per_pixel_mean=self.per_pixel_mean, **kw), self.resize
+            return alexnet_train(resize=self.resize, alphastd=self.alphastd, per_pixel_mean=self.per_pixel_mean, **kw)
         if self.pipeline == "resnet":
-            return resnet_train(scale_range=self.scale_range, alphastd=self.alphastd, **kw), self.scale_range[1]
-        return mae_train(**kw), None  # small random crops get upscaled: decode at full resolution
+            return resnet_train(scale_range=self.scale_range, alphastd=self.alphastd, **kw)
+        return mae_train(min_scale=self.min_scale, **kw)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            transform, draft = self._train_transform()
-            if self.gpu_augment:
-                transform, self.train_batch_augment = device_train_pipeline(
-                    self.pipeline, crop_size=self.crop_size, resize=self.resize, scale_range=self.scale_range,
-                    stats=self.stats, alphastd=self.alphastd, per_pixel_mean=self.per_pixel_mean,
-                )
-            self.train_set = ImageFolderDataset(self.root / "train", self.classes, transform, self.bad_images, draft)
+            # Smallest short side the training pipeline needs from the JPEG decoder (see `load_rgb`); MAE's small
+            # random crops get upscaled, so it decodes at full resolution.
+            draft = {"alexnet": self.resize, "resnet": self.scale_range[1], "mae": None}[self.pipeline]
+            self.train_set = ImageFolderDataset(
+                self.root / "train", self.classes, self._train_transform(), self.bad_images, draft
+            )
         if self.val_set is None:
             make_eval = ten_crop_eval if self.ten_crop else alexnet_eval
-            transform = make_eval(crop_size=self.crop_size, resize=self.resize, stats=self.stats, per_pixel_mean=self.per_pixel_mean)
+            transform = make_eval(
+                crop_size=self.crop_size, resize=self.resize, stats=self.stats, per_pixel_mean=self.per_pixel_mean
+            )
             self.val_set = ImageFolderDataset(self.root / "val", self.classes, transform, self.bad_images, self.resize)

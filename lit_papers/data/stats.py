@@ -3,7 +3,7 @@
 Streams once over every image under `ROOT/train` (or `ROOT` itself when it has no `train/`), with memory bounded by one
 batch: each image becomes the AlexNet frame (short side `size`, centre `size` x `size` crop) in [0, 1], and float64
 running sums give the per-channel mean/std, the per-pixel mean image and the RGB covariance, whose eigen-decomposition
-is PCA lighting's `eigval`/`eigvec`. The file loads with `DatasetStats.load` and is what the DataModules' `stats=` takes.
+is PCA lighting's `eigval`/`eigvec`. The file loads with `DatasetStats.load`; the DataModules' `stats=` takes its path.
 Unreadable files are skipped and counted.
 """
 
@@ -71,7 +71,8 @@ def compute_stats(
     if max_images is not None and max_images < len(files):
         step = len(files) / max_images
         files = [files[int(i * step)] for i in range(max_images)]
-    loader = DataLoader(_Frames(files, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_stack_readable)
+    frames = _Frames(files, size)
+    loader = DataLoader(frames, batch_size=batch_size, num_workers=num_workers, collate_fn=_stack_readable)
     image_sum = torch.zeros(3, size, size, dtype=torch.float64)
     channel_sum = torch.zeros(3, dtype=torch.float64)
     outer_sum = torch.zeros(3, 3, dtype=torch.float64)  # sum over pixels of rgb rgb^T

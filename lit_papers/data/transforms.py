@@ -5,8 +5,8 @@ bytes is ~4x cheaper than floats), then one conversion to float in [0, 1], then 
 `device_train_pipeline` splits the same training pipelines in two for `gpu_augment=True`: a worker half that returns
 fixed-size uint8 tensors and a `BatchAugment` that does the rest per batch on the accelerator.
 
-Pipelines take a `DatasetStats` (mean/std, optional eigen-decomposition and per-pixel mean image, in [0, 1] units, written
-by `python -m lit_papers.data.stats`); `None` means the ImageNet constants (CIFAR pipelines: the CIFAR-10 ones).
+Pipelines take a `DatasetStats` (mean/std, optional eigen-decomposition and per-pixel mean image, in [0, 1] units,
+written by `python -m lit_papers.data.stats`); `None` means the ImageNet constants (CIFAR pipelines: the CIFAR-10 ones).
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ class DatasetStats:
     mean_image: Tensor | None = None  # (3, S, S) per-pixel mean of the short-side-S, centre-S-crop frames
 
     @classmethod
-    def constants(cls, mean: tuple, std: tuple, eigval: tuple | None = None, eigvec: tuple | None = None) -> DatasetStats:
+    def constants(
+        cls, mean: tuple, std: tuple, eigval: tuple | None = None, eigvec: tuple | None = None
+    ) -> DatasetStats:
         def as_tensor(values: tuple | None) -> Tensor | None:
             return None if values is None else torch.tensor(values, dtype=torch.float32)
 
@@ -61,41 +63,85 @@ class DatasetStats:
 
 
 class Lighting(nn.Module):
-    """AlexNet's PCA colour augmentation (sec. 4.1): add `eigvec @ (alpha * eigval)` to every pixel, alpha ~ N(0, alphastd).
+    """AlexNet's PCA colour augmentation (sec. 4.1): every pixel += eigvec @ (alpha * eigval), alpha ~ N(0, alphastd).
 
     Works on float images `(3, H, W)` or batches `(B, 3, H, W)` in [0, 1], one alpha draw per image per call. The
-    eigen-decomposition is a dataset statistic passed in, never computed per image.
+    eigen-decomposition is a dataset statistic passed in, never computed per image. `inplace=True` adds into the input
+    (the pipelines do, on the fresh tensor `ToFloat` made).
     """
 
-    def __init__(self, alphastd: float = 0.1, eigval: Any = IMAGENET_EIGVAL, eigvec: Any = IMAGENET_EIGVEC) -> None:
+    def __init__(
+        self, alphastd: float = 0.1, eigval: Any = IMAGENET_EIGVAL, eigvec: Any = IMAGENET_EIGVEC, inplace: bool = False
+    ) -> None:
         super().__init__()
-        self.alphastd = alphastd
-        self.register_buffer("eigval", torch.as_tensor(eigval, dtype=torch.float32))  # (3,)
-        self.register_buffer("eigvec", torch.as_tensor(eigvec, dtype=torch.float32))  # (3, 3)
+        self.alphastd, self.inplace = alphastd, inplace
+        eigval = torch.as_tensor(eigval, dtype=torch.float32)  # (3,)
+        eigvec = torch.as_tensor(eigvec, dtype=torch.float32)  # (3, 3)
+        # Row i of `mixing` is alphastd * eigval_i * eigvec_i, so z @ mixing with z ~ N(0, 1) is eigvec @ (alpha * eigval)
+        # as a row vector: one tiny matmul per call (every extra op costs ~5 us per image in a worker).
+        self.register_buffer("mixing", (eigvec * eigval * alphastd).T.contiguous())
 
     def forward(self, img: Tensor) -> Tensor:
         if self.alphastd == 0:
             return img
-        alpha = torch.randn(*img.shape[:-3], 3, device=img.device) * self.alphastd  # (..., 3)
-        shift = (alpha * self.eigval) @ self.eigvec.T  # (..., 3): row-vector form of eigvec @ (alpha * eigval)
-        return img + shift.to(img.dtype)[..., None, None]
+        batch = img.shape[:-3]
+        shift = torch.randn(*batch, 3, device=img.device) @ self.mixing  # (..., 3): one alpha draw per image
+        shift = shift.view(*batch, 3, 1, 1)
+        if shift.dtype != img.dtype:
+            shift = shift.to(img.dtype)
+        return img.add_(shift) if self.inplace else img + shift
+
+
+class Normalize(nn.Module):
+    """Per-channel `(x - mean) / std` on float `(..., 3, H, W)`; `inplace=True` overwrites the input.
+
+    Lighter than `v2.Normalize` (two tensor ops, no dispatch machinery): it runs once per image in every worker.
+    """
+
+    def __init__(self, mean: Any, std: Any, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1))
+        self.register_buffer("inv_std", 1 / torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1))
+
+    def forward(self, img: Tensor) -> Tensor:
+        return img.sub_(self.mean).mul_(self.inv_std) if self.inplace else (img - self.mean) * self.inv_std
 
 
 class SubtractMeanImage(nn.Module):
-    """The paper's per-pixel mean subtraction; the mean image is resized once if the frame has another size."""
+    """The paper's per-pixel mean subtraction; the mean image is resized once if the frame has another size.
 
-    def __init__(self, mean_image: Tensor) -> None:
+    `inplace=True` subtracts from the input (the pipelines do, on the fresh tensor `ToFloat` made).
+    """
+
+    def __init__(self, mean_image: Tensor, inplace: bool = False) -> None:
         super().__init__()
+        self.inplace = inplace
         self.register_buffer("mean_image", torch.as_tensor(mean_image, dtype=torch.float32))  # (3, S, S)
         self._resized: Tensor | None = None  # cache: resizing per image would cost as much as the rest of the pipeline
 
     def forward(self, img: Tensor) -> Tensor:
         mean = self.mean_image
         if mean.shape[-2:] != img.shape[-2:]:
-            if self._resized is None or self._resized.shape[-2:] != img.shape[-2:] or self._resized.device != img.device:
+            cached = self._resized
+            if cached is None or cached.shape[-2:] != img.shape[-2:] or cached.device != img.device:
                 self._resized = F.interpolate(mean[None], size=img.shape[-2:], mode="bilinear", antialias=True)[0]
             mean = self._resized
-        return img - mean.to(img.dtype)
+        mean = mean.to(img.dtype)
+        return img.sub_(mean) if self.inplace else img - mean
+
+
+class ToFloat(nn.Module):
+    """uint8 -> float32 in [0, 1], as a contiguous `(..., 3, H, W)` tensor.
+
+    Images decoded by PIL arrive as channels-last views, which `v2.ToDtype` keeps; per-channel broadcasts (lighting,
+    normalisation) over channels-last memory run ~15x slower, so the one conversion pass also fixes the layout.
+    """
+
+    def forward(self, img: Tensor) -> Tensor:
+        if img.is_floating_point():
+            return img.clone(memory_format=torch.contiguous_format)  # a fresh tensor: later ops work in place
+        return img.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
 
 
 class StackCrops(nn.Module):
@@ -121,13 +167,14 @@ def _chain(frame: list, crops: list, stats: DatasetStats, per_pixel_mean: bool, 
     matching part of the mean (what Caffe does); the result is divided by the per-channel std so both modes give
     unit-scale inputs.
     """
-    to_float = v2.ToDtype(torch.float32, scale=True)
-    light = [Lighting(alphastd, stats.eigval, stats.eigvec)] if alphastd > 0 else []
+    to_float = ToFloat()
+    # In place after ToFloat, which made a fresh tensor: a new 600 kB buffer per op costs more than the op itself.
+    light = [Lighting(alphastd, stats.eigval, stats.eigvec, inplace=True)] if alphastd > 0 else []
     if per_pixel_mean:
-        zero = [0.0, 0.0, 0.0]
-        ops = [*frame, to_float, SubtractMeanImage(stats.mean_image), *crops, *light, v2.Normalize(zero, stats.std.tolist())]
+        scale = Normalize(torch.zeros(3), stats.std, inplace=True)
+        ops = [*frame, to_float, SubtractMeanImage(stats.mean_image, inplace=True), *crops, *light, scale]
     else:
-        ops = [*frame, *crops, to_float, *light, v2.Normalize(stats.mean.tolist(), stats.std.tolist())]
+        ops = [*frame, *crops, to_float, *light, Normalize(stats.mean, stats.std, inplace=True)]
     return v2.Compose(ops)
 
 
@@ -217,9 +264,7 @@ class BatchAugment(nn.Module):
         self.crop_size, self.padding, self.flip = crop_size, padding, flip
         self.subtract = SubtractMeanImage(stats.mean_image) if per_pixel_mean else None
         self.lighting = Lighting(alphastd, stats.eigval, stats.eigvec) if alphastd > 0 else None
-        mean = torch.zeros(3) if per_pixel_mean else stats.mean
-        self.register_buffer("mean", mean.float().view(3, 1, 1))
-        self.register_buffer("std", stats.std.float().view(3, 1, 1))
+        self.normalize = Normalize(torch.zeros(3) if per_pixel_mean else stats.mean, stats.std)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float().div_(255) if not x.is_floating_point() else x  # (B, 3, H, W) in [0, 1]
@@ -234,7 +279,7 @@ class BatchAugment(nn.Module):
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.lighting is not None:
             x = self.lighting(x)
-        return (x - self.mean) / self.std
+        return self.normalize(x)
 
     def _crop_flip(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape

@@ -167,6 +167,8 @@ class ResNet(_ClassifierMixin, nn.Module):
             zero_init_residual: Start the last BN of every residual branch at zero.
         """
         super().__init__()
+        if block not in ("basic", "bottleneck"):
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
         block_cls = BasicBlock if block == "basic" else Bottleneck
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

@@ -18,7 +18,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
 
+from lit_papers.optim import build_lr_scheduler, build_optimizer
 from lit_papers.tasks.base import save_task_hyperparameters
 
 
@@ -37,6 +39,13 @@ class ImageClassifier(L.LightningModule):
         monitor: the metric a `ReduceLROnPlateau` scheduler watches (AlexNet's "divide by 10 when validation error
             stops improving").
         label_smoothing: cross-entropy label smoothing (0 = plain cross-entropy, as in all the CNN papers here).
+        base_lr: if given, the lr is `base_lr x effective batch / 256` (batch over all devices and accumulated steps,
+            MAE's rule) instead of the optimizer's own `lr`.
+        decay_norm_and_bias: `False` exempts biases, norm parameters and ViT tokens from weight decay.
+        layer_decay: layer-wise lr decay for ViTs (MAE fine-tuning: 0.75); `None` = same lr everywhere.
+        mixup_alpha: Beta(alpha, alpha) of MixUp on training batches (0 = off; MAE fine-tuning: 0.8).
+        cutmix_alpha: Beta(alpha, alpha) of CutMix (0 = off; MAE: 1.0). With both on, each batch uses one of the two at
+            random. Mixed batches train against soft targets; `train/acc1` then scores the dominant label.
     """
 
     def __init__(
@@ -47,6 +56,11 @@ class ImageClassifier(L.LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         monitor: str = "val/loss",
         label_smoothing: float = 0.0,
+        base_lr: float | None = None,
+        decay_norm_and_bias: bool = True,
+        layer_decay: float | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__()
         save_task_hyperparameters(self, live_objects=["net", "optimizer", "lr_scheduler"])
@@ -58,6 +72,9 @@ class ImageClassifier(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.monitor = monitor
         self.label_smoothing = label_smoothing
+        self.base_lr, self.decay_norm_and_bias, self.layer_decay = base_lr, decay_norm_and_bias, layer_decay
+        mixers = [m(alpha=a, num_classes=net.num_classes) for m, a in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if a > 0]
+        self.batch_mix = v2.RandomChoice(mixers) if mixers else None
 
         num_classes = net.num_classes
         topk = {"acc1": 1, "acc5": 5} if num_classes >= 5 else {"acc1": 1}
@@ -73,9 +90,11 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        if self.batch_mix is not None:
+            images, targets = self.batch_mix(images, targets)  # soft targets (B, num_classes)
         logits = self.net(images)  # (B, num_classes)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        self.train_metrics["acc1"].update(logits.detach(), targets)
+        self.train_metrics["acc1"].update(logits.detach(), targets.argmax(-1) if targets.ndim == 2 else targets)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc1", self.train_metrics["acc1"], on_step=False, on_epoch=True)
         return loss
@@ -106,10 +125,12 @@ class ImageClassifier(L.LightningModule):
         return self.net(images).softmax(-1)  # (B, num_classes) class probabilities
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = build_optimizer(
+            self, self.net, self.optimizer_factory, self.base_lr, self.decay_norm_and_bias, self.layer_decay
+        )
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        scheduler = build_lr_scheduler(self.scheduler_factory, optimizer, self.trainer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": self.monitor},

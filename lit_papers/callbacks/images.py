@@ -1,0 +1,57 @@
+"""Log image grids (MAE reconstructions, GAN samples) to whichever loggers a run has configured.
+
+    log_images(trainer, "val/reconstructions", images, nrow=4)  # images: (N, C, H, W), values in [0, 1]
+
+TensorBoard gets `add_image`, Weights & Biases gets `log_image`; any other logger (CSV) or no logger at all gets a PNG
+file under `<log_dir>/images/`, named after the key and the global step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torchvision.utils import make_grid, save_image
+
+
+def min_max_scale(images: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Map each image to [0, 1] by the min and max of the matching image in `reference` (default: itself), clamped.
+
+    Display helper for normalised data whose statistics the logger does not know: scaling several views of one
+    image (original, reconstruction) by the original's range keeps them comparable.
+    """
+    ref = (images if reference is None else reference).flatten(1)  # (N, C*H*W)
+    lo, hi = ref.min(1).values.view(-1, 1, 1, 1), ref.max(1).values.view(-1, 1, 1, 1)
+    return ((images - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
+
+
+def log_images(trainer: L.Trainer, key: str, images: torch.Tensor, nrow: int = 8, step: int | None = None) -> Path | None:
+    """Log `images` `(N, C, H, W)` in [0, 1] as one grid of `nrow` columns to every logger of `trainer` (rank 0 only).
+
+    Returns the PNG path when a file was written (CSV logger or no logger), else None.
+    """
+    if not trainer.is_global_zero:
+        return None
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)  # (C, H', W')
+    step = trainer.global_step if step is None else step
+    written = None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, grid, step)
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[grid], step=step)
+        else:
+            folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
+            written = _save_png(grid, Path(folder), key, step)
+    if not trainer.loggers:
+        written = _save_png(grid, Path(trainer.default_root_dir), key, step)
+    return written
+
+
+def _save_png(grid: torch.Tensor, root: Path, key: str, step: int) -> Path:
+    path = root / "images" / f"{key.replace('/', '_')}_step{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    return path

@@ -1,0 +1,1 @@
+"""Evaluation metrics the papers report that torchmetrics does not provide."""
