@@ -10,16 +10,31 @@ From Python (notebooks, tests), `main([...])` takes the same arguments and retur
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lit_papers.callbacks.summary import RunSummary
+from lit_papers.checkpointing import find_last_checkpoint, peek_checkpoint
+from lit_papers.loggers import WandbLogger, WandbRunId, run_id_from_checkpoint
 
 # `main(args)` ignores sys.argv on purpose (notebooks, pytest), so Lightning's warning about both being present is noise.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Save the resolved config next to the logs and send it, once and whole, to every logger (the W&B run config).
+
+    Tasks built by the CLI do not log their own hyperparameters, so no key appears twice.
+    """
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="json")
+        for logger in trainer.loggers:
+            logger.log_hyperparams(json.loads(config))
 
 
 class LitPapersCLI(LightningCLI):
@@ -36,8 +51,9 @@ class LitPapersCLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             # A second run in the same log directory must not fail on the config.yaml the first one saved.
+            save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [RunSummary()]},
+            trainer_defaults={"callbacks": [RunSummary(), WandbRunId()]},
             args=args,
             run=run,
         )
@@ -50,6 +66,21 @@ class LitPapersCLI(LightningCLI):
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = callbacks + [RichProgressBar()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Resolve `--ckpt_path last` across the experiment's earlier runs, and continue their W&B run."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            roots = {self.trainer.default_root_dir, *(lg.save_dir for lg in self.trainer.loggers if lg.save_dir)}
+            last = find_last_checkpoint(*roots)
+            # None: nothing to resume, so the run starts fresh (rerunning a preempted job's command always works).
+            config["ckpt_path"] = str(last) if last else None
+            print(f"Resuming from {last}" if last else f"No last checkpoint under {sorted(roots)}: starting fresh.")
+        wandb = next((lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)), None)
+        if config.get("ckpt_path") and wandb is not None and wandb._wandb_init.get("id") is None:
+            run_id = run_id_from_checkpoint(peek_checkpoint(config["ckpt_path"]))
+            if run_id:
+                wandb.resume_run(run_id)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LitPapersCLI:

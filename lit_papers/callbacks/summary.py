@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -25,4 +28,9 @@ class RunSummary(L.Callback):
         if final:
             lines.append("  final epoch: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())))
         lines.append(f"  logs: {trainer.log_dir}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                run = logger.experiment
+                where = run.url or f"offline in {Path(run.dir).parent} (upload: wandb sync {Path(run.dir).parent})"
+                lines.append(f"  W&B run {run.id}: {where}")
         rank_zero_info("\n".join(lines))

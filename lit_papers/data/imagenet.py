@@ -1,4 +1,4 @@
-"""ImageNet, or any folder of photos in its layout, with the AlexNet/ResNet/MAE pipelines.
+"""ImageNet, or any folder of photos in its layout, with the AlexNet/VGG/GoogLeNet/ResNet/MAE pipelines.
 
 Layout: `root/train/<class>/<image>` and `root/val/<class>/<image>` (the ILSVRC validation images sorted into class
 folders). Class indices are the sorted train folder names, as in torchvision's `ImageFolder`.
@@ -30,14 +30,20 @@ from lit_papers.data.transforms import (
     alexnet_eval,
     alexnet_train,
     device_train_pipeline,
+    googlenet_train,
     mae_train,
+    multi_scale_eval,
     resnet_train,
     ten_crop_eval,
+    vgg_train,
 )
 
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# The papers' `scale_range` / `min_scale` per pipeline, used when the DataModule gets `None`.
+SCALE_RANGE = {"resnet": (256, 480), "vgg": (256, 512)}
+MIN_SCALE = {"mae": 0.2, "googlenet": 0.08}
 MAX_CONSECUTIVE_BAD = 50  # "skip" gives up when this many files in a row fail: the folder is probably not images
 
 
@@ -153,13 +159,14 @@ class ImageFolderDataset(Dataset):
 
 
 class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
-    """ImageNet-layout folders with the AlexNet, ResNet or MAE training pipeline; `num_classes` is set at construction.
+    """ImageNet-layout folders with a paper's training pipeline; `num_classes` is set at construction.
 
     Args:
         root: folder holding `train/<class>/<image>` and `val/<class>/<image>`.
         pipeline: training augmentation: "alexnet" (256 frame, random 224 crop + flip, PCA lighting), "resnet" (short
-            side random in `scale_range`, random crop + flip, lighting) or "mae" (RandomResizedCrop(0.2, 1) + flip).
-            Evaluation is always short side `resize` -> centre `crop_size` (or 10 crops).
+            side random in `scale_range`, random crop + flip, lighting), "vgg" (the same scale jittering with S in
+            [256, 512]), "googlenet" (crops of 8%-100% area, aspect 3/4-4/3, + flip) or "mae" (RandomResizedCrop(0.2,
+            1) + flip). Evaluation is short side `resize` -> centre `crop_size` (or 10 crops, or `eval_scales`).
         batch_size: images per batch on each device.
         num_workers: loader worker processes; JPEG decoding needs several per GPU.
         pin_memory: page-locked host memory; `None` turns it on when CUDA is available.
@@ -172,18 +179,23 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         gpu_augment: workers return uint8 crops of a fixed size and the random crop/flip, lighting and normalisation of
             training batches run on the device in `on_after_batch_transfer`.
         ten_crop: evaluate on 10 crops per image: batches are `(B, 10, 3, crop_size, crop_size)`.
+        eval_scales: VGG's multi-scale evaluation: short sides Q (e.g. [256, 384, 512]), each giving `eval_grid`^2
+            crops and their mirrors; batches are `(B, views, 3, crop_size, crop_size)`, the softmax averaged over views.
+        eval_grid: crops per side at each scale: 1 = centre crop, 5 = the paper's multi-crop (150 views at 3 scales,
+            so lower `batch_size` for `test`).
         crop_size: network input size.
         resize: short side before the centre frame/crop (AlexNet training frame and evaluation).
-        scale_range: short-side range of the "resnet" pipeline's scale augmentation.
+        scale_range: short-side range of the "resnet"/"vgg" scale augmentation; `None`: [256, 480] (resnet), [256,
+            512] (vgg). Equal ends give VGG's single-scale training.
         alphastd: standard deviation of the PCA lighting coefficients ("alexnet", "resnet"); 0 turns it off.
-        min_scale: smallest crop area fraction of the "mae" pipeline's RandomResizedCrop (0.2 pre-training; the MAE
-            linear probe uses torchvision's default 0.08).
+        min_scale: smallest crop area fraction of the "mae"/"googlenet" RandomResizedCrop; `None`: 0.2 (mae
+            pre-training; the MAE linear probe uses 0.08), 0.08 (googlenet).
     """
 
     def __init__(
         self,
         root: str | Path,
-        pipeline: Literal["alexnet", "resnet", "mae"] = "alexnet",
+        pipeline: Literal["alexnet", "resnet", "mae", "vgg", "googlenet"] = "alexnet",
         batch_size: int = 256,
         num_workers: int = 8,
         pin_memory: bool | None = None,
@@ -194,15 +206,19 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         per_pixel_mean: bool = False,
         gpu_augment: bool = False,
         ten_crop: bool = False,
+        eval_scales: list[int] | None = None,
+        eval_grid: int = 1,
         crop_size: int = 224,
         resize: int = 256,
-        scale_range: tuple[int, int] = (256, 480),
+        scale_range: tuple[int, int] | None = None,
         alphastd: float = 0.1,
-        min_scale: float = 0.2,
+        min_scale: float | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, seed)
-        if pipeline not in ("alexnet", "resnet", "mae"):
-            raise ValueError(f"pipeline must be 'alexnet', 'resnet' or 'mae', got {pipeline!r}")
+        if pipeline not in ("alexnet", "resnet", "mae", "vgg", "googlenet"):
+            raise ValueError(f"pipeline must be 'alexnet', 'resnet', 'mae', 'vgg' or 'googlenet', got {pipeline!r}")
+        if eval_scales and (ten_crop or per_pixel_mean):
+            raise ValueError("eval_scales (multi-scale evaluation) excludes ten_crop and per_pixel_mean")
         if bad_images not in ("raise", "skip"):
             raise ValueError(f"bad_images must be 'raise' or 'skip', got {bad_images!r}")
         if per_pixel_mean and pipeline != "alexnet":
@@ -210,7 +226,9 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         self.root = Path(root).expanduser()
         self.pipeline, self.bad_images, self.gpu_augment, self.ten_crop = pipeline, bad_images, gpu_augment, ten_crop
         self.per_pixel_mean, self.crop_size, self.resize = per_pixel_mean, crop_size, resize
-        self.scale_range, self.alphastd, self.min_scale = tuple(scale_range), alphastd, min_scale
+        self.scale_range = tuple(scale_range) if scale_range is not None else SCALE_RANGE.get(pipeline, (256, 480))
+        self.min_scale = min_scale if min_scale is not None else MIN_SCALE.get(pipeline, 0.2)
+        self.alphastd, self.eval_scales, self.eval_grid = alphastd, eval_scales, eval_grid
         self.stats = DatasetStats.load(stats) if stats is not None else DatasetStats.imagenet()
         self.classes = find_classes(self.root / "train", self.root)
         self.num_classes = len(self.classes)
@@ -228,19 +246,31 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
             return alexnet_train(resize=self.resize, alphastd=self.alphastd, per_pixel_mean=self.per_pixel_mean, **kw)
         if self.pipeline == "resnet":
             return resnet_train(scale_range=self.scale_range, alphastd=self.alphastd, **kw)
+        if self.pipeline == "vgg":
+            return vgg_train(scale_range=self.scale_range, alphastd=self.alphastd, **kw)
+        if self.pipeline == "googlenet":
+            return googlenet_train(min_scale=self.min_scale, **kw)
         return mae_train(min_scale=self.min_scale, **kw)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             # Smallest short side the training pipeline needs from the JPEG decoder (see `load_rgb`); MAE's small
             # random crops get upscaled, so it decodes at full resolution.
-            draft = {"alexnet": self.resize, "resnet": self.scale_range[1], "mae": None}[self.pipeline]
+            draft = {"alexnet": self.resize, "resnet": self.scale_range[1], "vgg": self.scale_range[1], "mae": None,
+                     "googlenet": None}[self.pipeline]
             self.train_set = ImageFolderDataset(
                 self.root / "train", self.classes, self._train_transform(), self.bad_images, draft
             )
         if self.val_set is None:
-            make_eval = ten_crop_eval if self.ten_crop else alexnet_eval
-            transform = make_eval(
-                crop_size=self.crop_size, resize=self.resize, stats=self.stats, per_pixel_mean=self.per_pixel_mean
-            )
-            self.val_set = ImageFolderDataset(self.root / "val", self.classes, transform, self.bad_images, self.resize)
+            draft = self.resize
+            if self.eval_scales:
+                transform = multi_scale_eval(
+                    crop_size=self.crop_size, scales=tuple(self.eval_scales), grid=self.eval_grid, stats=self.stats
+                )
+                draft = max(self.eval_scales)  # decode large enough for the largest scale
+            else:
+                make_eval = ten_crop_eval if self.ten_crop else alexnet_eval
+                transform = make_eval(
+                    crop_size=self.crop_size, resize=self.resize, stats=self.stats, per_pixel_mean=self.per_pixel_mean
+                )
+            self.val_set = ImageFolderDataset(self.root / "val", self.classes, transform, self.bad_images, draft)

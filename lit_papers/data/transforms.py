@@ -151,6 +151,35 @@ class StackCrops(nn.Module):
         return torch.stack(crops)
 
 
+class MultiScaleCrops(nn.Module):
+    """VGG's multi-scale multi-crop views of one image `(3, H, W)` -> `(len(scales) * grid^2 * (1 + flip), 3, S, S)`.
+
+    For each short side Q in `scales`: the `grid x grid` regular grid of `crop_size` crops spanning the rescaled image
+    (grid=1: the centre crop, placed as `v2.CenterCrop` does), then, with `flip`, the mirrors of all views.
+    """
+
+    def __init__(self, scales: tuple[int, ...], crop_size: int = 224, grid: int = 1, flip: bool = True) -> None:
+        super().__init__()
+        if min(scales) < crop_size or grid < 1:
+            raise ValueError(f"need every scale >= crop_size ({crop_size}) and grid >= 1, got {scales}, {grid}")
+        self.scales, self.crop_size, self.grid, self.flip = tuple(scales), crop_size, grid, flip
+
+    def _offsets(self, room: int) -> list[int]:
+        if self.grid == 1:
+            return [round(room / 2)]
+        return [round(i * room / (self.grid - 1)) for i in range(self.grid)]
+
+    def forward(self, img: Tensor) -> Tensor:
+        c, views = self.crop_size, []
+        for q in self.scales:
+            frame = v2.functional.resize(img, q, antialias=True)  # short side -> Q
+            h, w = frame.shape[-2:]
+            views += [frame[..., top : top + c, left : left + c]
+                      for top in self._offsets(h - c) for left in self._offsets(w - c)]
+        views = torch.stack(views)  # (V, 3, S, S)
+        return torch.cat([views, views.flip(-1)]) if self.flip else views
+
+
 def _stats(stats: DatasetStats | None, default: DatasetStats, per_pixel_mean: bool, lighting: bool) -> DatasetStats:
     stats = stats if stats is not None else default
     if per_pixel_mean and stats.mean_image is None:
@@ -212,6 +241,21 @@ def ten_crop_eval(
     return _chain(_frame(resize), [v2.TenCrop(crop_size), StackCrops()], stats, per_pixel_mean)
 
 
+def multi_scale_eval(
+    *, crop_size: int = 224, scales: tuple[int, ...] = (256, 384, 512), grid: int = 1, flip: bool = True,
+    stats: DatasetStats | None = None,
+) -> v2.Compose:
+    """VGG's multi-scale evaluation (sec. 4.2-4.3): views at several short sides Q -> `(V, 3, 224, 224)` per image.
+
+    A classifier averages the softmax over the views, as for 10 crops. Defaults: Q in {256, 384, 512} (S_min,
+    (S_min + S_max) / 2, S_max of the jittered training), centre crop + mirror = 6 views; `grid=5` is the paper's
+    multi-crop protocol (5x5 crops x 2 flips x 3 scales = 150 views). The paper's dense (fully convolutional)
+    evaluation over the whole image is not implemented.
+    """
+    stats = _stats(stats, DatasetStats.imagenet(), False, False)
+    return _chain([], [MultiScaleCrops(scales, crop_size, grid, flip)], stats, False)
+
+
 def resnet_train(
     *, crop_size: int = 224, scale_range: tuple[int, int] = (256, 480), stats: DatasetStats | None = None,
     alphastd: float = 0.1,
@@ -225,10 +269,31 @@ def resnet_train(
     return _chain(frame, [v2.RandomCrop(crop_size), v2.RandomHorizontalFlip()], stats, False, alphastd)
 
 
+def vgg_train(
+    *, crop_size: int = 224, scale_range: tuple[int, int] = (256, 512), stats: DatasetStats | None = None,
+    alphastd: float = 0.1,
+) -> v2.Compose:
+    """VGG training (sec. 3.1): scale jittering, short side S random in [256, 512] -> random 224 crop + flip -> RGB
+    colour shift (AlexNet's PCA lighting) -> normalise. `scale_range=(S, S)` is single-scale training at S.
+
+    ResNet's pipeline is this one with its own range, so both share `resnet_train`.
+    """
+    return resnet_train(crop_size=crop_size, scale_range=scale_range, stats=stats, alphastd=alphastd)
+
+
 def mae_train(*, crop_size: int = 224, min_scale: float = 0.2, stats: DatasetStats | None = None) -> v2.Compose:
     """MAE pre-training / linear probe: RandomResizedCrop(224, scale=(0.2, 1), bicubic) + flip + normalise."""
     stats = _stats(stats, DatasetStats.imagenet(), False, False)
     rrc = v2.RandomResizedCrop(crop_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC)
+    return _chain([rrc, v2.RandomHorizontalFlip()], [], stats, False)
+
+
+def googlenet_train(*, crop_size: int = 224, min_scale: float = 0.08, stats: DatasetStats | None = None) -> v2.Compose:
+    """GoogLeNet (sec. 6): crops of 8%-100% of the image area, aspect ratio in [3/4, 4/3], resized to 224 (the origin
+    of RandomResizedCrop) + flip + normalise. The paper's photometric distortions and random interpolation are left out.
+    """
+    stats = _stats(stats, DatasetStats.imagenet(), False, False)
+    rrc = v2.RandomResizedCrop(crop_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
     return _chain([rrc, v2.RandomHorizontalFlip()], [], stats, False)
 
 
@@ -303,30 +368,33 @@ def device_train_pipeline(
     min_scale: float = 0.2, padding: int = 4, stats: DatasetStats | None = None, alphastd: float = 0.1,
     per_pixel_mean: bool = False,
 ) -> tuple[nn.Module, BatchAugment]:
-    """The training pipeline `pipeline` ("alexnet", "resnet", "mae", "cifar") split for `gpu_augment`.
+    """The training pipeline `pipeline` ("alexnet", "resnet", "vgg", "mae", "googlenet", "cifar") split for `gpu_augment`.
 
     Returns the worker half (uint8 in, fixed-size uint8 out) and the `BatchAugment` that finishes it per batch. Same
     parameters and same output distribution as the per-image functions above.
     """
     is_cifar = pipeline == "cifar"
     default = DatasetStats.constants(CIFAR10_MEAN, CIFAR10_STD) if is_cifar else DatasetStats.imagenet()
-    alphastd = alphastd if pipeline in ("alexnet", "resnet") else 0.0
+    alphastd = alphastd if pipeline in ("alexnet", "resnet", "vgg") else 0.0
     if per_pixel_mean and pipeline not in ("alexnet", "cifar"):
         raise ValueError(f"per_pixel_mean is only defined for fixed square frames (alexnet, cifar), not {pipeline!r}")
     stats = _stats(stats, default, per_pixel_mean, alphastd > 0)
     batch_kw = dict(stats=stats, alphastd=alphastd, per_pixel_mean=per_pixel_mean)
     if pipeline == "alexnet":
         return v2.Compose(_frame(resize)), BatchAugment(crop_size=crop_size, flip=True, **batch_kw)
-    if pipeline == "resnet":
+    if pipeline in ("resnet", "vgg"):  # the same scale jittering, each with its own `scale_range`
         shortest = v2.RandomShortestSize(list(range(scale_range[0], scale_range[1] + 1)), antialias=True)
         worker = v2.Compose([shortest, v2.RandomCrop(crop_size), v2.RandomHorizontalFlip()])
         return worker, BatchAugment(**batch_kw)
     if pipeline == "mae":
         rrc = v2.RandomResizedCrop(crop_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC)
         return v2.Compose([rrc, v2.RandomHorizontalFlip()]), BatchAugment(**batch_kw)
+    if pipeline == "googlenet":
+        rrc = v2.RandomResizedCrop(crop_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
+        return v2.Compose([rrc, v2.RandomHorizontalFlip()]), BatchAugment(**batch_kw)
     if is_cifar:
         return v2.Identity(), BatchAugment(crop_size=crop_size, padding=padding, flip=True, **batch_kw)
-    raise ValueError(f"unknown pipeline {pipeline!r}; expected 'alexnet', 'resnet', 'mae' or 'cifar'")
+    raise ValueError(f"unknown pipeline {pipeline!r}; expected 'alexnet', 'resnet', 'vgg', 'mae', 'googlenet' or 'cifar'")
 
 
 class DeviceAugmentMixin:

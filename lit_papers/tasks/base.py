@@ -25,4 +25,6 @@ def save_task_hyperparameters(task: L.LightningModule, live_objects: list[str]) 
     Tasks built in Python must pass those objects again to `load_from_checkpoint(path, net=...)`.
     """
     init_frame = inspect.currentframe().f_back  # the task's __init__, whose arguments are saved
-    task.save_hyperparameters(ignore=[] if built_by_cli() else live_objects, frame=init_frame)
+    # The CLI logs the whole resolved config once (`SaveAndLogConfig`); logging the task's part again would repeat it.
+    cli = built_by_cli()
+    task.save_hyperparameters(ignore=[] if cli else live_objects, frame=init_frame, logger=not cli)

@@ -46,6 +46,9 @@ class ImageClassifier(L.LightningModule):
         mixup_alpha: Beta(alpha, alpha) of MixUp on training batches (0 = off; MAE fine-tuning: 0.8).
         cutmix_alpha: Beta(alpha, alpha) of CutMix (0 = off; MAE: 1.0). With both on, each batch uses one of the two at
             random. Mixed batches train against soft targets; `train/acc1` then scores the dominant label.
+        aux_loss_weight: weight of each auxiliary classifier's loss for nets that return `(logits, *aux_logits)` in
+            training mode (GoogLeNet: 0.3). `train/loss` is the weighted total, `train/aux_loss` the unweighted sum of
+            the auxiliary losses; evaluation (nets in eval mode) scores the main logits only.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class ImageClassifier(L.LightningModule):
         layer_decay: float | None = None,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        aux_loss_weight: float = 0.3,
     ) -> None:
         super().__init__()
         save_task_hyperparameters(self, live_objects=["net", "optimizer", "lr_scheduler"])
@@ -75,6 +79,7 @@ class ImageClassifier(L.LightningModule):
         self.base_lr, self.decay_norm_and_bias, self.layer_decay = base_lr, decay_norm_and_bias, layer_decay
         mixers = [m(alpha=a, num_classes=net.num_classes) for m, a in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if a > 0]
         self.batch_mix = v2.RandomChoice(mixers) if mixers else None
+        self.aux_loss_weight = aux_loss_weight
 
         num_classes = net.num_classes
         topk = {"acc1": 1, "acc5": 5} if num_classes >= 5 else {"acc1": 1}
@@ -92,8 +97,13 @@ class ImageClassifier(L.LightningModule):
         images, targets = batch
         if self.batch_mix is not None:
             images, targets = self.batch_mix(images, targets)  # soft targets (B, num_classes)
-        logits = self.net(images)  # (B, num_classes)
+        outputs = self.net(images)  # (B, num_classes), or (logits, *aux_logits) from nets with auxiliary classifiers
+        logits, *aux_logits = outputs if isinstance(outputs, tuple) else (outputs,)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        if aux_logits:  # GoogLeNet: loss = main + 0.3 x each auxiliary loss
+            aux_loss = sum(F.cross_entropy(a, targets, label_smoothing=self.label_smoothing) for a in aux_logits)
+            loss = loss + self.aux_loss_weight * aux_loss
+            self.log("train/aux_loss", aux_loss)
         self.train_metrics["acc1"].update(logits.detach(), targets.argmax(-1) if targets.ndim == 2 else targets)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc1", self.train_metrics["acc1"], on_step=False, on_epoch=True)
