@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 WANDB_HOST = "api.wandb.ai"
 
@@ -70,7 +70,10 @@ class WandbLogger(LightningWandbLogger):
         if offline and log_model:
             rank_zero_info("W&B: offline runs cannot upload checkpoints; `log_model` is ignored.")
             log_model = False
-        Path(save_dir).mkdir(parents=True, exist_ok=True)  # wandb falls back to a temp dir if it is missing
+        # Absolute: W&B's service process outlives a `chdir` (notebooks, tests) and resolves relative paths against its
+        # own working directory. The folder must exist, or wandb silently falls back to a temporary one.
+        save_dir = Path(save_dir).absolute()
+        save_dir.mkdir(parents=True, exist_ok=True)
         super().__init__(
             project=project,
             name=name,
@@ -83,6 +86,19 @@ class WandbLogger(LightningWandbLogger):
             tags=tags,
             **kwargs,
         )
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Finish the W&B run, so its last metrics are written now, not when the process exits.
+
+        A later `fit`/`test` with this logger in the same process (a notebook) continues the same run.
+        """
+        super().finalize(status)
+        if self._experiment is not None:
+            run_id = self._experiment.id
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
+            self.resume_run(run_id)
 
     def resume_run(self, run_id: str) -> None:
         """Continue the run `run_id` instead of starting a new one (before anything has been logged)."""

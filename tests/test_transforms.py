@@ -196,7 +196,7 @@ def test_missing_statistics_are_reported():
     with pytest.raises(ValueError, match="eigval"):
         T.alexnet_train(stats=plain)
     with pytest.raises(ValueError, match="unknown pipeline"):
-        T.device_train_pipeline("vgg")
+        T.device_train_pipeline("lenet")
 
 
 @pytest.mark.parametrize("name", ["resnet", "mae"])

@@ -22,9 +22,10 @@ Deviations from the paper (torchvision variant):
 - The auxiliary heads pool adaptively to 4x4 instead of 5x5/3 (also 4x4 at 224, but 4x4 windows at offsets 0, 3, 7, 10
   of the 14x14 map instead of 5x5 windows at 0, 3, 6, 9), so any input of at least 15x15 works.
 - Init: truncated normal std 0.01 for conv and FC weights (torchvision's), PyTorch's default FC biases.
-Paper variant: Table 1 exactly (no BN, LRN after pool1 and conv2, 5x5 convs, 3x3/2 pools, dropout 0.4, 5x5/3 auxiliary
-pool, so 224 inputs), with Caffe's reference init (bvlc_googlenet: "xavier" weights = uniform of variance 1/fan_in,
-biases 0.2 on hidden layers, 0 on classifiers; the paper states none) and Caffe's LRN (size 5, alpha 1e-4, beta 0.75).
+Paper variant: Table 1 and Fig. 3 (no BN, LRN after pool1 and after the stem's 3x3 conv, 5x5 convs, 3x3/2 pools,
+dropout 0.4, 5x5/3 auxiliary pool, so 224 inputs), with Caffe's reference init (bvlc_googlenet: "xavier" weights =
+uniform of variance 1/fan_in, biases 0.2 on hidden layers, 0 on classifiers; the paper states none) and Caffe's LRN
+(size 5, alpha 1e-4, beta 0.75).
 Neither variant has the paper's photometric distortions, Polyak averaging or 144-crop testing.
 """
 
@@ -165,9 +166,11 @@ class GoogLeNet(nn.Module):
         self.num_classes = num_classes
         self.num_features = 1024
         # torchvision's ported weights saw x' = (x_raw - 0.5) / 0.5; from x = (x_raw - mean) / std, x' = x * a + b.
-        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-        self.register_buffer("input_scale", (std / 0.5).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_shift", ((mean - 0.5) / 0.5).view(1, 3, 1, 1), persistent=False)
+        # Constants in float64, rounded once to float32, exactly as torchvision's Python-float arithmetic rounds them.
+        mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)
+        std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)
+        self.register_buffer("input_scale", (std / 0.5).float().view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", ((mean - 0.5) / 0.5).float().view(1, 3, 1, 1), persistent=False)
         if paper:
             self._init_paper()
         else:
