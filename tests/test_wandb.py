@@ -33,6 +33,10 @@ def test_quickstart_run_files_hold_config_once_and_metrics(tmp_path):
     assert config["data"]["class_path"] == "lit_papers.data.digits.DigitsDataModule"
     logged = {key for row in history for key in row}
     assert {"train/loss", "val/acc1", "val/loss", "lr-SGD", "trainer/global_step"} <= logged
+    assert {"perf/images_per_sec", "perf/epoch_time"} <= logged
+    for image in ("val/predictions", "val/confusion_matrix"):  # W&B image entries, their files under media/
+        assert any("image" in row.get(f"{image}/_type", "") for row in history), f"no {image} image in the history"
+        assert list((run_dir / "files/media/images").glob(f"{image}_*.png"))
 
 
 def test_resume_continues_the_same_run(tmp_path):

@@ -134,7 +134,7 @@ class Density1dPlot(L.Callback):
         top.plot(grid, d_of_x, "b--", lw=2, label=r"$D(x)$")
         top.axhline(0.5, color="0.7", lw=0.8)
         top.set_ylim(0, max(1.05, float(max(p_data.max(), p_g.max())) * 1.1))
-        top.legend(loc="upper left", fontsize=8, frameon=False)
+        top.legend(loc="upper right", fontsize=8, frameon=False)
         top.set_title(f"Our 1-D GAN run after epoch {epoch + 1} (the paper's Fig. 1 is a schematic)", fontsize=10)
         if z_to_x is not None:  # lines from z (spread evenly over the x-axis for display) up to x = G(z)
             z, x_of_z = z_to_x

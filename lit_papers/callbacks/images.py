@@ -41,7 +41,9 @@ def log_images(trainer: L.Trainer, key: str, images: torch.Tensor, nrow: int = 8
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, grid, step)
         elif isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[grid], step=step)
+            # uint8 (H, W, C): W&B reads float tensors as 0-255 values, which would show [0, 1] images as black
+            pixels = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            logger.log_image(key=key, images=[pixels], step=step)
         else:
             folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
             written = _save_png(grid, Path(folder), key, step)

@@ -2,7 +2,8 @@
 
 Each 8x8 image (16 grey levels, 10 classes) is upscaled to 32x32 and repeated over 3 channels, so every CIFAR-sized net
 here trains on it unchanged. The train/val split is fixed and stratified; the per-pixel mean image of the training split
-is subtracted (AlexNet's mean subtraction) and the result divided by the training split's standard deviation.
+is subtracted (AlexNet's mean subtraction) and the result divided by the training split's standard deviation, unless
+`normalize=False` keeps the pixels in [0, 1] (what a sigmoid generator outputs).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class DigitsDataModule(ImageDataModule):
         augment: random translations of up to `image_size // 8` pixels in training (no flips: digits are not symmetric).
         split_seed: fixes which images are held out, independently of the training seed.
         batch_size, num_workers, pin_memory, persistent_workers, seed: see `ImageDataModule`.
+        normalize: subtract the training mean image and divide by the std; `False` keeps pixels in [0, 1] (GANs).
     """
 
     num_classes = 10
@@ -55,12 +57,14 @@ class DigitsDataModule(ImageDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         seed: int = 0,
+        normalize: bool = True,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, seed)
         self.val_fraction = val_fraction
         self.image_size = image_size
         self.augment = augment
         self.split_seed = split_seed
+        self.normalize = normalize
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -82,7 +86,7 @@ class DigitsDataModule(ImageDataModule):
         train_images = images[train_idx]
         self.mean_image = train_images.mean(0)  # (3, S, S): statistics of the training split only
         self.std = float((train_images - self.mean_image).std())
-        normalise = lambda x: (x - self.mean_image) / self.std  # noqa: E731
+        normalise = (lambda x: (x - self.mean_image) / self.std) if self.normalize else (lambda x: x)  # noqa: E731
         pad = self.image_size // 8
         augment = v2.RandomCrop(self.image_size, padding=pad) if self.augment else None
         self.train_set = TensorImageDataset(normalise(train_images), targets[train_idx], augment)

@@ -121,8 +121,10 @@ def collate_pairs(items: list[tuple[torch.Tensor, torch.Tensor, str | None, str 
 class TokenBatchSampler(BatchSampler):
     """Batches of sentence indices holding at most `max_tokens` tokens, padding included, on each side.
 
-    Sentences are sorted by length (ties in a seeded random order) and cut into batches once, so the number of
-    batches is fixed; each epoch shuffles the order of the batches (fairseq's scheme). Under DDP Lightning passes a
+    The sentences are shuffled (seeded), split into pools of `pool_size`, sorted by length within each pool and cut
+    into batches once, so the number of batches is fixed; each epoch shuffles the order of the batches. One pool for
+    the whole split (`pool_size=None`) gives the least padding (fairseq's scheme); small pools mix lengths across
+    batches, which some tasks need (a batch of one length gives a biased gradient when the mapping depends on length). Under DDP Lightning passes a
     `DistributedSampler` as `sampler`: only its rank, world size and epoch are used, and each rank takes every
     `world_size`-th batch (the list is padded by repeating batches so all ranks step equally often).
 
@@ -132,26 +134,33 @@ class TokenBatchSampler(BatchSampler):
         tgt_lengths: target length of each item, in tokens.
         max_tokens: the most padded tokens per batch on either side (a longer sentence gets a batch of its own).
         shuffle: shuffle the batch order every epoch.
+        pool_size: sentences sorted by length together; `None`: the whole split.
         seed: seeds the tie-breaking and the shuffles (same on all ranks).
         drop_last: unused (lengths decide batch sizes); kept so Lightning can re-create the sampler.
     """
 
     def __init__(self, sampler: Sampler, src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+                 shuffle: bool = True, pool_size: int | None = None, seed: int = 0, drop_last: bool = False) -> None:
         self.sampler, self.shuffle, self.seed, self.drop_last = sampler, shuffle, seed, drop_last
         self.num_replicas = getattr(sampler, "num_replicas", 1)
         self.rank = getattr(sampler, "rank", 0)
-        tie_break = np.random.default_rng(seed).permutation(len(src_lengths))
-        order = np.lexsort((tie_break, src_lengths, tgt_lengths))  # by target length, then source length
+        order = np.random.default_rng(seed).permutation(len(src_lengths))  # random order among equal lengths
+        pool_size = pool_size or max(len(order), 1)
         self.batches: list[list[int]] = []
-        batch, longest_src, longest_tgt = [], 0, 0
-        for i in order.tolist():
-            s, t = max(longest_src, int(src_lengths[i])), max(longest_tgt, int(tgt_lengths[i]))
-            if batch and (len(batch) + 1) * max(s, t) > max_tokens:
+        for start in range(0, len(order), pool_size):
+            pool = order[start:start + pool_size]
+            pool = pool[np.lexsort((src_lengths[pool], tgt_lengths[pool]))]  # stable: by target, then source length
+            self._cut(pool.tolist(), src_lengths, tgt_lengths, max_tokens)
+
+    def _cut(self, pool: list[int], src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int) -> None:
+        batch, longest = [], 0
+        for i in pool:
+            length = max(int(src_lengths[i]), int(tgt_lengths[i]))
+            if batch and (len(batch) + 1) * max(longest, length) > max_tokens:
                 self.batches.append(batch)
-                batch, s, t = [], int(src_lengths[i]), int(tgt_lengths[i])
+                batch, longest = [], 0
             batch.append(i)
-            longest_src, longest_tgt = s, t
+            longest = max(longest, length)
         if batch:
             self.batches.append(batch)
 
@@ -173,6 +182,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
     Args:
         max_tokens: padded tokens per batch and side on each device (the paper: ~25000 per step over all devices).
+        pool_size: training sentences sorted by length together before batching (see `TokenBatchSampler`); `None`
+            sorts the whole split. Evaluation always sorts the whole split.
         num_workers: loader worker processes.
         seed: seeds the batch order.
     """
@@ -180,9 +191,9 @@ class Seq2SeqDataModule(L.LightningDataModule):
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
     vocab_size: int
 
-    def __init__(self, max_tokens: int = 25000, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, max_tokens: int = 25000, pool_size: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
-        self.max_tokens, self.num_workers, self.seed = max_tokens, num_workers, seed
+        self.max_tokens, self.pool_size, self.num_workers, self.seed = max_tokens, pool_size, num_workers, seed
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
         self.test_set: PairDataset | None = None
@@ -197,7 +208,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         # A one-replica DistributedSampler only carries the epoch Lightning sets; under DDP Lightning swaps in its own.
         epochs = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
         batches = TokenBatchSampler(epochs, dataset.src_lengths, dataset.tgt_lengths, self.max_tokens, shuffle=train,
-                                    seed=self.seed)
+                                    pool_size=self.pool_size if train else None, seed=self.seed)
         return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_pairs, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
@@ -234,7 +245,7 @@ class ParallelTextDataModule(Seq2SeqDataModule):
         min_frequency: merges seen fewer times than this are not learned.
         max_len: training pairs with more tokens than this on either side are dropped (validation and test keep all).
         tokenizer_path: a saved `tokenizer.json` to use instead of learning one.
-        max_tokens, num_workers, seed: see `Seq2SeqDataModule`.
+        max_tokens, pool_size, num_workers, seed: see `Seq2SeqDataModule`.
     """
 
     def __init__(
@@ -250,10 +261,11 @@ class ParallelTextDataModule(Seq2SeqDataModule):
         max_len: int = 256,
         tokenizer_path: str | Path | None = None,
         max_tokens: int = 25000,
+        pool_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(max_tokens, num_workers, seed)
+        super().__init__(max_tokens, pool_size, num_workers, seed)
         self.root, self.src_lang, self.tgt_lang = Path(root), src_lang, tgt_lang
         self.prefixes = {"train": train_prefix, "val": val_prefix, "test": test_prefix}
         self.vocab_size, self.min_frequency, self.max_len = vocab_size, min_frequency, max_len
@@ -343,13 +355,13 @@ class ReverseDataModule(Seq2SeqDataModule):
         num_train: training pairs, drawn once.
         num_val: validation pairs (also the test set), drawn once.
         split_seed: fixes the drawn data, independently of the training seed.
-        max_tokens, num_workers, seed: see `Seq2SeqDataModule`.
+        max_tokens, pool_size, num_workers, seed: see `Seq2SeqDataModule`.
     """
 
     def __init__(self, num_symbols: int = 10, min_len: int = 1, max_len: int = 10, num_train: int = 20000,
-                 num_val: int = 500, split_seed: int = 0, max_tokens: int = 1024, num_workers: int = 0,
-                 seed: int = 0) -> None:
-        super().__init__(max_tokens, num_workers, seed)
+                 num_val: int = 500, split_seed: int = 0, max_tokens: int = 1024, pool_size: int | None = 128,
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(max_tokens, pool_size, num_workers, seed)
         self.num_symbols, self.min_len, self.max_len = num_symbols, min_len, max_len
         self.num_train, self.num_val, self.split_seed = num_train, num_val, split_seed
         self.vocab_size = len(SPECIAL_TOKENS) + num_symbols

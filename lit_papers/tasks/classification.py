@@ -109,7 +109,7 @@ class ImageClassifier(L.LightningModule):
         self.log("train/acc1", self.train_metrics["acc1"], on_step=False, on_epoch=True)
         return loss
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> None:
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> torch.Tensor:
         images, targets = batch
         if images.ndim == 5:  # (B, ncrops, C, H, W): average the crops' softmax, as in the papers' 10-crop testing
             b, ncrops = images.shape[:2]
@@ -121,12 +121,13 @@ class ImageClassifier(L.LightningModule):
         metrics.update(log_probs, targets)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")
+        return log_probs
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, self.val_metrics, "val")  # (B, num_classes) log-probabilities, for callbacks
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
