@@ -11,13 +11,17 @@ From Python (notebooks, tests), `main([...])` takes the same arguments and retur
 from __future__ import annotations
 
 import json
+import os
+import sys
 import warnings
+from argparse import ArgumentError
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lit_papers.callbacks.summary import RunSummary
+from lit_papers.errors import UserInputError, find_user_error, tidy_error
 from lit_papers.checkpointing import find_last_checkpoint, peek_checkpoint
 from lit_papers.loggers import WandbLogger, WandbRunId, run_id_from_checkpoint
 
@@ -54,6 +58,8 @@ class LitPapersCLI(LightningCLI):
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [RunSummary(), WandbRunId()]},
+            # Raise parse errors (one message, caught in `console_main`) instead of printing the whole usage.
+            parser_kwargs={"exit_on_error": False},
             args=args,
             run=run,
         )
@@ -67,8 +73,21 @@ class LitPapersCLI(LightningCLI):
             kwargs["callbacks"] = callbacks + [RichProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning replaces the config's task with the one saved in `--ckpt_path`; check first that they are the same.
+        config = self.config.get(str(self.config.get("subcommand")), {})
+        path = config.get("ckpt_path") if config else None
+        if path not in (None, "last", "best", "hpc", "registry"):  # Lightning resolves those names itself
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"checkpoint not found: {path}")
+            saved_by = peek_checkpoint(path).get("hyper_parameters", {}).get("_class_path")
+            task = config["model"]["class_path"]
+            if saved_by and saved_by != task:
+                raise UserInputError(f"checkpoint {path} was saved by {saved_by}, but this config trains {task}")
+        super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
-        """Resolve `--ckpt_path last` across the experiment's earlier runs, and continue their W&B run."""
+        """Resolve `--ckpt_path last` across the experiment's earlier runs, and continue the checkpoint's W&B run."""
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
             roots = {self.trainer.default_root_dir, *(lg.save_dir for lg in self.trainer.loggers if lg.save_dir)}
@@ -89,8 +108,20 @@ def main(args: list[str] | None = None, run: bool = True) -> LitPapersCLI:
 
 
 def console_main() -> None:
-    """Entry point of the `lit-papers` console script (returns nothing, so the process exits 0 on success)."""
-    main()
+    """Entry point of the `lit-papers` console script.
+
+    A wrong config key or type, a missing data folder, an unreadable image or a checkpoint of another task ends the
+    process with one message and a non-zero status; `LIT_PAPERS_DEBUG=1` shows the full traceback instead.
+    """
+    try:
+        main()
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None or os.environ.get("LIT_PAPERS_DEBUG") == "1":
+            raise
+        print(f"lit-papers: error: {tidy_error(user_error)}", file=sys.stderr)
+        print("(LIT_PAPERS_DEBUG=1 shows the full traceback; `lit-papers fit --help` lists the options.)", file=sys.stderr)
+        sys.exit(2 if isinstance(user_error, ArgumentError) else 1)
 
 
 if __name__ == "__main__":

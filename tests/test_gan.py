@@ -247,13 +247,13 @@ def test_parzen_on_a_known_gaussian():
     # log-likelihood of N(0, I) points is known in closed form.
     torch.manual_seed(0)
     d, sigma = 2, 0.5
-    samples, test = torch.randn(20000, d), torch.randn(4000, d)
+    samples, test = torch.randn(10000, d), torch.randn(2000, d)
     result = parzen_estimate(test, samples, sigma, chunk_size=1024)
     var = 1 + sigma**2
     expected = -0.5 * d * math.log(2 * math.pi * var) - 0.5 * d / var
     assert abs(result.mean - expected) < 3 * result.stderr + 0.01
     ll = parzen_log_likelihood(test, samples, sigma)
-    assert result.stderr == pytest.approx(float(ll.std()) / math.sqrt(4000))
+    assert result.stderr == pytest.approx(float(ll.std()) / math.sqrt(2000))
     # Data far from the samples is less likely, and a sigma far too small over-fits the samples.
     assert parzen_estimate(test + 3, samples, sigma).mean < result.mean - 5
     assert parzen_estimate(test, samples, 0.01).mean < result.mean
@@ -285,11 +285,11 @@ def test_momentum_ramp():
 
     class Spy(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
-            seen.append([g["momentum"] for opt in trainer.optimizers for g in opt.param_groups])
+            seen.extend(g["momentum"] for opt in trainer.optimizers for g in opt.param_groups)
 
     sgd = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.5)
     fit(tiny_gan(optimizer=sgd), batches(1), max_epochs=4, callbacks=[ramp, Spy()])
-    assert seen == pytest.approx([[0.5, 0.5], [0.5, 0.5], [0.6, 0.6], [0.7, 0.7]])
+    assert seen == pytest.approx([0.5, 0.5, 0.5, 0.5, 0.6, 0.6, 0.7, 0.7])  # G's and D's optimizer, epochs 0-3
 
 
 def test_digits_config_logs_sample_grids_and_restores_from_checkpoint(tmp_path):

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from lit_papers.errors import UserInputError
 from lit_papers.data.base import ImageDataModule
 from lit_papers.data.transforms import (
     DatasetStats,
@@ -47,7 +48,7 @@ MIN_SCALE = {"mae": 0.2, "googlenet": 0.08}
 MAX_CONSECUTIVE_BAD = 50  # "skip" gives up when this many files in a row fail: the folder is probably not images
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserInputError, RuntimeError):
     """An image file that cannot be decoded; the message names the file."""
 
 
