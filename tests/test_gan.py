@@ -12,6 +12,8 @@ import sys
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -98,6 +100,17 @@ def test_iterations_carry_over_epoch_ends_and_max_steps_counts_both_nets():
     assert (steps_of(trainer, model.discriminator), steps_of(trainer, model.generator)) == (6, 2)
 
 
+def test_a_resumed_run_continues_the_interrupted_iteration(tmp_path):
+    # 5 batches per epoch, k = 3: the first epoch ends two D steps into its second iteration.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(tiny_gan(k=3), batches(5), enable_checkpointing=True, callbacks=[checkpoint])
+    model = tiny_gan(k=3)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, batches(5), ckpt_path=checkpoint.last_model_path)
+    assert (steps_of(trainer, model.discriminator), steps_of(trainer, model.generator)) == (10, 3)
+
+
 def test_losses_match_the_papers_formulas():
     torch.manual_seed(0)
     real_logits, fake_logits = torch.randn(16) * 3, torch.randn(16) * 3
@@ -141,7 +154,8 @@ def test_each_scheduler_steps_with_its_own_optimizer(interval, epochs, expected)
 def test_gradient_clipping_bounds_each_step(algorithm):
     # Plain SGD with lr 1: a step moves the parameters by exactly minus the (clipped) gradient.
     clip = 1e-3
-    model = tiny_gan(optimizer=functools.partial(torch.optim.SGD, lr=1.0), gradient_clip_val=clip if algorithm else None,
+    sgd = functools.partial(torch.optim.SGD, lr=1.0)
+    model = tiny_gan(optimizer=sgd, gradient_clip_val=clip if algorithm else None,
                      gradient_clip_algorithm=algorithm or "norm")
     before = [p.detach().clone() for p in model.parameters()]
     fit(model, batches(1))  # one D step and one G step
@@ -174,6 +188,20 @@ def test_bf16_mixed_precision_runs_on_cpu():
     trainer = fit(model, batches(4), precision="bf16-mixed")
     assert (steps_of(trainer, model.discriminator), steps_of(trainer, model.generator)) == (4, 2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fp16_loss_scaling_is_undone_before_clipping():
+    # 16-mixed on a GPU scales each loss, so gradients must be unscaled before they are clipped. A CPU GradScaler
+    # runs the same code path here: with scale 2^10, clipping scaled gradients would move the weights 1024x too little.
+    clip, scaler = 1e-3, torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model = tiny_gan(optimizer=functools.partial(torch.optim.SGD, lr=1.0), gradient_clip_val=clip)
+    before = [p.detach().clone() for p in model.parameters()]
+    data = DataLoader(TensorDataset(torch.randn(8, 1)), batch_size=8)  # one D step and one G step
+    trainer = fit(model, data, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert trainer.global_step == 2 and scaler.get_scale() == 2.0**10, "no step skipped for overflow"
+    for net in (model.generator, model.discriminator):
+        deltas = [p.detach() - b for p, b in zip(model.parameters(), before) if any(p is q for q in net.parameters())]
+        assert float(torch.cat([d.flatten() for d in deltas]).norm()) == pytest.approx(clip, rel=1e-3)
 
 
 def test_two_process_cpu_ddp(tmp_path):
@@ -293,9 +321,9 @@ def test_momentum_ramp():
 
 
 def test_digits_config_logs_sample_grids_and_restores_from_checkpoint(tmp_path):
-    cli = main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--trainer.max_epochs=1",
-                "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.check_val_every_n_epoch=1",
-                "--trainer.enable_progress_bar=false", "--model.init_args.parzen_samples=200"])
+    tiny = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
+            "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false"]
+    cli = main(["fit", "--config", str(CONFIGS / "digits.yaml"), *tiny, "--model.init_args.parzen_samples=200"])
     log_dir = tmp_path / "runs/gan_digits/digits_mlp/version_0"
     assert list((log_dir / "images").glob("samples_step*.png")), "the fixed-noise grid is saved"
     assert "val/parzen_ll" in cli.trainer.callback_metrics

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from lit_papers.cli import main
@@ -241,7 +242,7 @@ def test_parallel_text_fit_then_test_reuses_the_checkpoint_tokenizer(tmp_path, m
     cli = main(["fit", *args])
     log_dir = Path(cli.trainer.log_dir)
     assert (log_dir / "tokenizer.json").is_file() and list((log_dir / "samples").glob("val_samples_*.md"))
-    saved = (log_dir / "tokenizer.json").read_text()
+    saved = Tokenizer.from_file(str(log_dir / "tokenizer.json")).to_str()
 
     def no_training(*_, **__):
         raise AssertionError("the tokenizer must come from the checkpoint")
@@ -269,10 +270,10 @@ def test_multi30k_layout_reads():
 
 
 def test_reversal_learns_and_checkpoints_reload():
-    cli = main(["fit", "--config", REVERSE, *QUIET, "--trainer.max_epochs=1", "--data.init_args.num_train=6000"])
+    cli = main(["fit", "--config", REVERSE, *QUIET, "--trainer.max_epochs=1"])
     metrics = cli.trainer.callback_metrics
     assert {"train/loss", "val/loss", "val/ppl", "val/bleu", "val/exact_match"} <= set(metrics)
-    assert float(metrics["val/bleu"]) > 20, "one short epoch already beats chance by far"
+    assert float(metrics["val/bleu"]) > 50 and float(metrics["val/exact_match"]) > 0.3, "one epoch: most of the way"
     restored = Translation.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path).eval()
     src = next(iter(cli.datamodule.val_dataloader()))["src"]
     assert restored.generate(src) == cli.model.eval().generate(src)

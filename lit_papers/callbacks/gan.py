@@ -19,7 +19,7 @@ from lit_papers.callbacks.images import log_images, min_max_scale
 
 @contextmanager
 def _eval_mode(module: torch.nn.Module):
-    """`module` in eval mode inside the block (no dropout, BatchNorm running statistics), its own mode restored after."""
+    """`module` in eval mode inside the block (no dropout, BatchNorm running statistics), its mode restored after."""
     was_training = module.training
     module.eval()
     try:

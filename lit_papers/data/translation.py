@@ -124,9 +124,11 @@ class TokenBatchSampler(BatchSampler):
     The sentences are shuffled (seeded), split into pools of `pool_size`, sorted by length within each pool and cut
     into batches once, so the number of batches is fixed; each epoch shuffles the order of the batches. One pool for
     the whole split (`pool_size=None`) gives the least padding (fairseq's scheme); small pools mix lengths across
-    batches, which some tasks need (a batch of one length gives a biased gradient when the mapping depends on length). Under DDP Lightning passes a
-    `DistributedSampler` as `sampler`: only its rank, world size and epoch are used, and each rank takes every
-    `world_size`-th batch (the list is padded by repeating batches so all ranks step equally often).
+    batches, which some tasks need (batches of a single length bias the gradient when the mapping depends on length).
+
+    Under DDP Lightning passes a `DistributedSampler` as `sampler`: only its rank, world size and epoch are used, and
+    each rank takes every `world_size`-th batch. The list is padded by repeating batches so all ranks step equally
+    often, so a few evaluation sentences are scored twice, as with Lightning's own `DistributedSampler`.
 
     Args:
         sampler: where the epoch (and, under DDP, rank and world size) come from.
@@ -243,7 +245,7 @@ class ParallelTextDataModule(Seq2SeqDataModule):
         test_prefix: same, test split (`None`: test on the validation split).
         vocab_size: BPE vocabulary size, special tokens included (the paper: 37000 for EN-DE).
         min_frequency: merges seen fewer times than this are not learned.
-        max_len: training pairs with more tokens than this on either side are dropped (validation and test keep all).
+        max_train_len: training pairs with more tokens than this on either side are dropped (evaluation keeps all).
         tokenizer_path: a saved `tokenizer.json` to use instead of learning one.
         max_tokens, pool_size, num_workers, seed: see `Seq2SeqDataModule`.
     """
@@ -258,7 +260,7 @@ class ParallelTextDataModule(Seq2SeqDataModule):
         test_prefix: str | None = "test",
         vocab_size: int = 37000,
         min_frequency: int = 2,
-        max_len: int = 256,
+        max_train_len: int = 256,
         tokenizer_path: str | Path | None = None,
         max_tokens: int = 25000,
         pool_size: int | None = None,
@@ -268,7 +270,7 @@ class ParallelTextDataModule(Seq2SeqDataModule):
         super().__init__(max_tokens, pool_size, num_workers, seed)
         self.root, self.src_lang, self.tgt_lang = Path(root), src_lang, tgt_lang
         self.prefixes = {"train": train_prefix, "val": val_prefix, "test": test_prefix}
-        self.vocab_size, self.min_frequency, self.max_len = vocab_size, min_frequency, max_len
+        self.vocab_size, self.min_frequency, self.max_train_len = vocab_size, min_frequency, max_train_len
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
         self._tokenizer: Tokenizer | None = None
         self._text: dict[str, tuple[list[str], list[str]]] = {}
@@ -302,9 +304,12 @@ class ParallelTextDataModule(Seq2SeqDataModule):
         src = [e.ids for e in self.tokenizer.encode_batch(src_text)]
         tgt = [e.ids for e in self.tokenizer.encode_batch(tgt_text)]
         if split == "train":
-            keep = [i for i in range(len(src)) if len(src[i]) + 2 <= self.max_len and len(tgt[i]) + 2 <= self.max_len]
+            limit = self.max_train_len - 2  # BOS and EOS
+            keep = [i for i in range(len(src)) if len(src[i]) <= limit and len(tgt[i]) <= limit]
+            if not keep:
+                raise ValueError(f"all {len(src)} training pairs are longer than max_train_len={self.max_train_len}")
             if len(keep) < len(src):
-                rank_zero_info(f"dropped {len(src) - len(keep)} training pairs longer than max_len={self.max_len}")
+                rank_zero_info(f"dropped {len(src) - len(keep)} training pairs longer than max_train_len={self.max_train_len}")
                 src, tgt = [src[i] for i in keep], [tgt[i] for i in keep]
         texts = (src_text, tgt_text) if keep_text else (None, None)
         return PairDataset(src, tgt, *texts)
@@ -358,7 +363,7 @@ class ReverseDataModule(Seq2SeqDataModule):
         max_tokens, pool_size, num_workers, seed: see `Seq2SeqDataModule`.
     """
 
-    def __init__(self, num_symbols: int = 10, min_len: int = 1, max_len: int = 10, num_train: int = 20000,
+    def __init__(self, num_symbols: int = 10, min_len: int = 1, max_len: int = 8, num_train: int = 20000,
                  num_val: int = 500, split_seed: int = 0, max_tokens: int = 1024, pool_size: int | None = 128,
                  num_workers: int = 0, seed: int = 0) -> None:
         super().__init__(max_tokens, pool_size, num_workers, seed)

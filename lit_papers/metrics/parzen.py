@@ -65,7 +65,9 @@ def parzen_log_likelihood(
     return ll[0] if single else ll
 
 
-def select_sigma(valid: Tensor, samples: Tensor, sigmas: Sequence[float] = DEFAULT_SIGMAS, chunk_size: int = 512) -> float:
+def select_sigma(
+    valid: Tensor, samples: Tensor, sigmas: Sequence[float] = DEFAULT_SIGMAS, chunk_size: int = 512
+) -> float:
     """The bandwidth in `sigmas` that maximises the mean log-likelihood of `valid` (the paper's cross-validation)."""
     mean_ll = parzen_log_likelihood(valid, samples, sigmas, chunk_size).mean(-1)  # (S,)
     return float(sigmas[int(mean_ll.argmax())])

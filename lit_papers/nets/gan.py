@@ -21,6 +21,8 @@ Deviations from the paper:
 - The reference code starts G's output bias at the logit of the data's pixel marginals; here it starts at 0.
 - Dropout is PyTorch's inverted dropout: keep probability 0.8 on D's input and 0.5 elsewhere, survivors scaled by
   1/keep, which is what the reference code's `input_include_probs`/`input_scales` (0.8/1.25, 0.5/2) spell out.
+- DCGAN nets: convolutions carry no bias (BatchNorm follows, or the logit/tanh output, where the DCGAN code omits it
+  too); D's last 4x4 convolution gives the logit directly. `MLPDiscriminator` (LeakyReLU MLP) is our own toy net.
 """
 
 from __future__ import annotations

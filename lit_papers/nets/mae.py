@@ -147,6 +147,12 @@ def _mae(patch_size: int, embed_dim: int, depth: int, num_heads: int, **kwargs) 
     return MaskedAutoencoderViT(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
 
 
+def mae_vit_micro_patch4_32(*, norm_pix_loss: bool = True) -> MaskedAutoencoderViT:
+    """MAE for the digits on a CPU: the `vit_micro_patch4_32` encoder and a 64-wide, 2-block, 4-head decoder."""
+    return _mae(4, 128, 6, 4, img_size=32, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                norm_pix_loss=norm_pix_loss)
+
+
 def mae_vit_tiny_patch4_32(*, norm_pix_loss: bool = True) -> MaskedAutoencoderViT:
     """MAE on 32 x 32 images for a CPU: the `vit_tiny_patch4_32` encoder and a 128-wide, 4-block, 4-head decoder."""
     return _mae(4, 192, 12, 3, img_size=32, decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4,

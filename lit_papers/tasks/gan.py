@@ -129,7 +129,7 @@ class GAN(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------- sampling
 
-    def noise(self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None) -> torch.Tensor:
+    def noise(self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None):
         """`n` draws of z ~ p_z, `(n, latent_dim)`."""
         generator = generator if generator is not None else self._noise_generator
         device = device if device is not None else self.device
