@@ -11,15 +11,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 from tokenizers import Tokenizer
 from torch import nn
 
 from lit_papers.cli import main
 from lit_papers.data import translation as data
-from lit_papers.data.translation import ParallelTextDataModule, TokenBatchSampler, read_parallel, train_bpe
-from lit_papers.nets.transformer import Transformer, transformer_base, transformer_big, transformer_tiny
-from lit_papers.tasks.translation import InverseSqrtWarmupLR, Translation, beam_search, greedy_search
-from conftest import REPO_ROOT
+from lit_papers.data.translation import (
+    ParallelTextDataModule,
+    TokenBatchSampler,
+    read_parallel,
+    train_bpe,
+)
+from lit_papers.nets.transformer import (
+    DecoderState,
+    Transformer,
+    transformer_base,
+    transformer_big,
+    transformer_tiny,
+)
+from lit_papers.tasks.translation import (
+    InverseSqrtWarmupLR,
+    Translation,
+    beam_search,
+    greedy_search,
+    log_text_table,
+)
 
 REVERSE = str(REPO_ROOT / "configs" / "transformer" / "reverse_tiny.yaml")
 MULTI30K = REPO_ROOT.parent / "shared" / "data" / "multi30k"
@@ -79,7 +96,8 @@ def test_matches_torch_nn_transformer(norm_first):
     d = net.d_model
     ref = nn.Transformer(d, 4, 2, 2, 256, dropout=0.0, batch_first=True, norm_first=norm_first).eval()
     with torch.no_grad():
-        for mine, theirs in [*zip(net.encoder_layers, ref.encoder.layers), *zip(net.decoder_layers, ref.decoder.layers)]:
+        pairs = [*zip(net.encoder_layers, ref.encoder.layers), *zip(net.decoder_layers, ref.decoder.layers)]
+        for mine, theirs in pairs:
             attns = [(mine.self_attn, theirs.self_attn)]
             if hasattr(mine, "cross_attn"):
                 attns.append((mine.cross_attn, theirs.multihead_attn))
@@ -97,7 +115,7 @@ def test_matches_torch_nn_transformer(norm_first):
     src = torch.randint(3, 13, (3, 7))
     src[0, 4:] = 0  # padding
     tgt = torch.randint(3, 13, (3, 5))
-    embed = lambda tokens: net.src_embed(tokens) * math.sqrt(d) + net.pos_table[: tokens.shape[1]]  # noqa: E731
+    embed = lambda tokens: net.src_embed(tokens) * math.sqrt(d) + net.pos_table[: tokens.shape[1]]
     pad = src == 0
     out = ref(embed(src), embed(tgt), tgt_mask=nn.Transformer.generate_square_subsequent_mask(5), tgt_is_causal=True,
               src_key_padding_mask=pad, memory_key_padding_mask=pad)
@@ -112,7 +130,7 @@ def test_kv_cache_equals_full_recomputation():
     one_by_one = torch.cat([net.decode_step(tgt[:, i : i + 1], state) for i in range(8)], dim=1)
     torch.testing.assert_close(one_by_one, full, atol=1e-5, rtol=1e-5)
     state = net.start_decoding(*net.encode(src))
-    chunks = torch.cat([net.decode_step(tgt[:, :3], state), net.decode_step(tgt[:, 3:], state)], dim=1)  # causal + cache
+    chunks = torch.cat([net.decode_step(tgt[:, :3], state), net.decode_step(tgt[:, 3:], state)], dim=1)  # masked block
     torch.testing.assert_close(chunks, full, atol=1e-5, rtol=1e-5)
 
 
@@ -122,7 +140,8 @@ def test_embeddings_are_shared_and_param_counts():
     assert base.src_embed is base.tgt_embed
     assert sum(p.numel() for p in base.parameters()) == 63_082_496  # the paper's Table 3: 65M
     separate = transformer_tiny(src_vocab_size=20, tgt_vocab_size=30)
-    assert separate.src_embed is not separate.tgt_embed and separate(torch.ones(1, 2).long(), torch.ones(1, 3).long()).shape == (1, 3, 30)
+    assert separate.src_embed is not separate.tgt_embed
+    assert separate(torch.ones(1, 2).long(), torch.ones(1, 3).long()).shape == (1, 3, 30)
     assert abs(sum(p.numel() for p in big.parameters()) - 213e6) < 2e6  # Table 3: 213M
 
 
@@ -133,7 +152,7 @@ def test_schedule_is_the_papers_formula():
     d_model, warmup = 512, 4000
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=(d_model * warmup) ** -0.5)
     scheduler = InverseSqrtWarmupLR(optimizer, warmup_steps=warmup)
-    paper = lambda step: d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)  # noqa: E731
+    paper = lambda step: d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
     seen = {}
     for step in range(1, 12001):  # `step` = the optimizer step about to be taken, counted from 1
         seen[step] = optimizer.param_groups[0]["lr"]
@@ -155,6 +174,37 @@ def test_beam_search_with_beam_one_is_greedy():
     assert beam_search(net, src, beam_size=1, length_penalty=0.6, max_len_offset=10) == greedy
 
 
+class _ScriptedNet(nn.Module):
+    """A stand-in decoder that, at target position t, is sure of `script[t]` (log p ~ 0), gives EOS log p -12 and
+    every other token -20, whatever the prefix: the peaked distributions of a well-trained model."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __init__(self, script: list[int], vocab: int = 8) -> None:
+        super().__init__()
+        self.script, self.vocab = script + [2], vocab
+
+    def encode(self, src):
+        return src.float()[..., None], (src != 0)[:, None, None, :]
+
+    def start_decoding(self, memory, memory_mask):
+        return DecoderState([], memory_mask, [])
+
+    def decode_step(self, tgt, state):
+        logits = torch.full((tgt.shape[0], 1, self.vocab), -20.0)
+        logits[..., 2] = -12.0
+        logits[..., self.script[min(state.length, len(self.script) - 1)]] = 0.0
+        state.length += 1
+        return logits
+
+
+def test_beam_search_does_not_stop_at_unlikely_early_ends():
+    net, src = _ScriptedNet([3, 4, 5, 3, 4, 5, 6]), torch.full((2, 3), 3)
+    # Early EOS candidates rank second at every step; ending the search once K of them are collected would return a
+    # truncated translation.
+    assert beam_search(net, src, beam_size=4, length_penalty=0.6, max_len_offset=10) == [[3, 4, 5, 3, 4, 5, 6]] * 2
+
+
 def test_wide_beam_finds_the_best_normalised_hypothesis():
     """With a beam wider than the number of hypotheses, beam search is exhaustive: compare with brute force."""
     net = tiny_net(vocab=5)  # symbols 3 and 4, plus <pad>, <s>, </s>
@@ -174,6 +224,23 @@ def test_wide_beam_finds_the_best_normalised_hypothesis():
                 scored.append((score.item(), list(y)))
         best.append(max(scored)[1])
     assert beam_search(net, src, beam_size=16, length_penalty=alpha, max_len_offset=1) == best
+
+
+def test_sample_table_goes_to_tensorboard_or_a_markdown_file(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    rows = [["Ein Hund | läuft.", "A dog runs.", "A dog is running."]]
+    tensorboard = TensorBoardLogger(tmp_path / "tb")
+    trainer = SimpleNamespace(is_global_zero=True, global_step=7, default_root_dir=str(tmp_path), loggers=[tensorboard])
+    assert log_text_table(trainer, "val/samples", ["source", "reference", "hypothesis"], rows) is None
+    tensorboard.experiment.flush()
+    assert list(Path(tensorboard.log_dir).glob("events.out.tfevents.*"))
+    trainer.loggers = [CSVLogger(tmp_path / "csv")]
+    path = log_text_table(trainer, "val/samples", ["source", "reference", "hypothesis"], rows)
+    assert path.name == "val_samples_step0000007.md"
+    assert path.read_text().splitlines()[2] == "| Ein Hund \\| läuft. | A dog runs. | A dog is running. |"
 
 
 # ---------------------------------------------------------------- data
@@ -210,7 +277,8 @@ def test_misaligned_and_missing_files_are_named(tmp_path):
     _write(tmp_path / "train.en.gz", ["a", "b"])
     with pytest.raises(ValueError) as info:
         read_parallel(tmp_path, "train", "de", "en")
-    assert str(info.value) == f"misaligned parallel files: {tmp_path}/train.de has 3 lines but {tmp_path}/train.en.gz has 2"
+    expected = f"misaligned parallel files: {tmp_path}/train.de has 3 lines but {tmp_path}/train.en.gz has 2"
+    assert str(info.value) == expected
     with pytest.raises(FileNotFoundError, match="no val.de or val.de.gz in"):
         read_parallel(tmp_path, "val", "de", "en")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):

@@ -21,7 +21,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+)
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the defaults of `lit_papers.nets.transformer.Transformer`
 PAD_ID, BOS_ID, EOS_ID = range(3)
@@ -193,7 +199,8 @@ class Seq2SeqDataModule(L.LightningDataModule):
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
     vocab_size: int
 
-    def __init__(self, max_tokens: int = 25000, pool_size: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, max_tokens: int = 25000, pool_size: int | None = None, num_workers: int = 0,
+                 seed: int = 0) -> None:
         super().__init__()
         self.max_tokens, self.pool_size, self.num_workers, self.seed = max_tokens, pool_size, num_workers, seed
         self.train_set: PairDataset | None = None
@@ -228,7 +235,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
 
 
 class ParallelTextDataModule(Seq2SeqDataModule):
-    """Sentence-aligned text files `{root}/{prefix}.{lang}[.gz]` with a joint BPE vocabulary learned on the training split.
+    """Sentence-aligned files `{root}/{prefix}.{lang}[.gz]` with a joint BPE vocabulary learned on the training split.
 
     Layouts: Multi30k (`train`, `val`, `test_2016_flickr`) and WMT14 as prepared by most toolkits (`train`,
     `newstest2013`, `newstest2014`). The tokenizer is learned on the training split's source and target sentences
@@ -309,7 +316,8 @@ class ParallelTextDataModule(Seq2SeqDataModule):
             if not keep:
                 raise ValueError(f"all {len(src)} training pairs are longer than max_train_len={self.max_train_len}")
             if len(keep) < len(src):
-                rank_zero_info(f"dropped {len(src) - len(keep)} training pairs longer than max_train_len={self.max_train_len}")
+                dropped = len(src) - len(keep)
+                rank_zero_info(f"dropped {dropped} training pairs longer than max_train_len={self.max_train_len}")
                 src, tgt = [src[i] for i in keep], [tgt[i] for i in keep]
         texts = (src_text, tgt_text) if keep_text else (None, None)
         return PairDataset(src, tgt, *texts)

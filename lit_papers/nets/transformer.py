@@ -37,7 +37,7 @@ KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, h, T, d_mode
 
 
 def sinusoidal_table(num_positions: int, d_model: int) -> torch.Tensor:
-    """Sec. 3.5: `PE[pos, 2i] = sin(pos / 10000^(2i/d_model))`, `PE[pos, 2i+1] = cos(...)`; shape (num_positions, d_model)."""
+    """Sec. 3.5: `PE[pos, 2i] = sin(pos / 10000^(2i/d_model))`, `PE[pos, 2i+1] = cos(...)`: (num_positions, d_model)."""
     if d_model % 2:
         raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}")
     pos = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)  # (L, 1)
@@ -63,7 +63,8 @@ class MultiHeadAttention(nn.Module):
 
     def keys_values(self, x: torch.Tensor) -> KV:
         b, s, d = x.shape
-        kv = self.kv_proj(x).view(b, s, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (2, B, h, S, d_k)
+        kv = self.kv_proj(x).view(b, s, 2, self.num_heads, d // self.num_heads)
+        kv = kv.permute(2, 0, 3, 1, 4)  # (2, B, h, S, d_k)
         return kv[0], kv[1]
 
     def forward(

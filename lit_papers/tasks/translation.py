@@ -14,8 +14,8 @@ that differs, so a mismatch fails before the first step instead of as an index e
 Deviations from the paper:
 - BLEU is SacreBLEU on detokenized text (13a tokenization), not the paper's tokenized multi-bleu; the paper also
   averaged the last 5 (base) or 20 (big) checkpoints before testing, which is not done here.
-- Beam search stops a sentence once `beam_size` hypotheses have ended (fairseq's rule; the paper says only "terminate
-  early when possible"). Lengths in the penalty ((5 + |Y|) / 6)^alpha count the end-of-sentence token.
+- Beam search stops a sentence by Hugging Face's rule (see `beam_search`; the paper says only "terminate early when
+  possible"). Lengths in the penalty ((5 + |Y|) / 6)^alpha count the end-of-sentence token.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class InverseSqrtWarmupLR(LambdaLR):
 
 def _next_log_probs(net: Transformer, last: torch.Tensor, state: DecoderState, step: int,
                     max_lens: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the next token (N, V); never padding or BOS, and EOS only once a row reaches its max length."""
+    """Log-probabilities of the next token (N, V): never padding or BOS, only EOS once a row reaches its max length."""
     log_probs = net.decode_step(last, state)[:, -1].float().log_softmax(-1)  # (N, V)
     log_probs[:, [net.pad_id, net.bos_id]] = -torch.inf
     not_eos = torch.arange(log_probs.shape[1], device=log_probs.device) != net.eos_id  # (V,)
@@ -98,9 +98,11 @@ def beam_search(net: Transformer, src: torch.Tensor, beam_size: int = 4, length_
                 max_len_offset: int = 50) -> list[list[int]]:
     """Beam search with GNMT's length normalisation `log p(Y) / ((5 + |Y|) / 6)^length_penalty`.
 
-    Each step ranks 2K continuations of the K live hypotheses; those ending in EOS within the top K are finished,
-    the best K others live on. A sentence is done once it has K finished hypotheses; the best normalised one is
-    returned. With K = 1 this is exactly `greedy_search`.
+    Each step ranks 2K continuations of the K live hypotheses; those ending in EOS within the top K are finished
+    (the best K are kept), the best K others live on. A sentence is done once it has K finished hypotheses and its
+    best live one, normalised at its current length, scores no better than the worst of them (Hugging Face's rule;
+    a strict bound would decode every sentence to the length limit). The best finished one is returned. With K = 1
+    this is exactly `greedy_search`.
     """
     b, k = src.shape[0], beam_size
     memory, memory_mask = net.encode(src)
@@ -109,27 +111,30 @@ def beam_search(net: Transformer, src: torch.Tensor, beam_size: int = 4, length_
     tokens = src.new_full((b * k, 1), net.bos_id)
     scores = torch.full((b, k), -torch.inf, device=src.device)
     scores[:, 0] = 0.0  # the K beams start identical: expand only the first
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]  # (normalised score, tokens), best first
+    done = [False] * b
     for step in range(int(max_lens.max()) + 1):
         log_probs = _next_log_probs(net, tokens[:, -1:], state, step, max_lens)  # (B*K, V)
         vocab = log_probs.shape[1]
         candidates = (scores.view(-1, 1) + log_probs).view(b, k * vocab)
-        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (B, 2K)
+        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (B, 2K), best first
         parent, token = top_index // vocab, top_index % vocab  # beam and token of each candidate
         is_eos = token == net.eos_id
+        penalty = ((5 + step + 1) / 6) ** length_penalty  # |Y| = step + 1 tokens, EOS included
         for i, j in (is_eos[:, :k] & top_scores[:, :k].isfinite()).nonzero().tolist():
-            if len(finished[i]) < k:
+            if not done[i]:
                 hypothesis = tokens[i * k + parent[i, j], 1:].tolist()
-                penalty = ((5 + len(hypothesis) + 1) / 6) ** length_penalty
-                finished[i].append((top_scores[i, j].item() / penalty, hypothesis))
-        if all(len(f) >= k for f in finished):
-            break
+                finished[i] = sorted(finished[i] + [(top_scores[i, j].item() / penalty, hypothesis)], reverse=True)[:k]
         keep = torch.sort(is_eos.to(torch.int8), dim=1, stable=True).indices[:, :k]  # the best K that go on: (B, K)
         scores = top_scores.gather(1, keep)
+        best_alive = (scores[:, 0] / penalty).tolist()
+        done = [d or (len(f) == k and a <= f[-1][0]) for d, f, a in zip(done, finished, best_alive)]
+        if all(done):
+            break
         rows = (torch.arange(b, device=src.device)[:, None] * k + parent.gather(1, keep)).view(-1)  # (B*K,)
         tokens = torch.cat([tokens[rows], token.gather(1, keep).view(-1, 1)], dim=1)
         state.reorder(rows)
-    return [max(f)[1] if f else [] for f in finished]
+    return [f[0][1] if f else [] for f in finished]
 
 
 # ---------------------------------------------------------------- sample tables
@@ -149,7 +154,8 @@ def log_text_table(trainer: L.Trainer, key: str, columns: list[str], rows: list[
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(key, markdown, trainer.global_step)
         else:
-            written = _write_markdown(Path(logger.log_dir or trainer.default_root_dir), key, trainer.global_step, markdown)
+            folder = Path(logger.log_dir or trainer.default_root_dir)
+            written = _write_markdown(folder, key, trainer.global_step, markdown)
     if not trainer.loggers:
         written = _write_markdown(Path(trainer.default_root_dir), key, trainer.global_step, markdown)
     return written
@@ -226,11 +232,17 @@ class Translation(L.LightningModule):
         return self.net(src, tgt_in)  # (B, T, V)
 
     def generate(self, src: torch.Tensor, beam_size: int | None = None) -> list[list[int]]:
-        """Translate `src` (B, S) token ids into B lists of target ids (no BOS/EOS); `beam_size` defaults to the task's."""
+        """Translate `src` (B, S) into B lists of target token ids (no BOS/EOS); `beam_size` defaults to the task's."""
         beam_size = self.beam_size if beam_size is None else beam_size
         if beam_size == 1:
             return greedy_search(self.net, src, self.max_len_offset)
         return beam_search(self.net, src, beam_size, self.length_penalty, self.max_len_offset)
+
+    def _decode(self, ids: list[list[int]]) -> list[str]:
+        data = self.trainer.datamodule
+        if not hasattr(data, "decode"):
+            raise RuntimeError("translating needs a DataModule with `decode` (see `lit_papers.data.translation`)")
+        return data.decode(ids)
 
     def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         tgt_out = batch["tgt"][:, 1:]  # (B, T-1): predict each next token
@@ -250,12 +262,13 @@ class Translation(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=num_tokens, sync_dist=True)
         metrics = self.metrics[stage]
         metrics["nll"].update(nll, num_tokens)
-        hypotheses = self.trainer.datamodule.decode(self.generate(batch["src"], beam_size))
+        hypotheses = self._decode(self.generate(batch["src"], beam_size))
         metrics["bleu"].update(hypotheses, [[ref] for ref in batch["tgt_text"]])
         metrics["exact_match"].update(torch.tensor([h == r for h, r in zip(hypotheses, batch["tgt_text"])]).float())
         num_batches = (self.trainer.num_val_batches if stage == "val" else self.trainer.num_test_batches)[0]
         if batch_idx == int(min(num_batches, 1e9)) // 2:  # batches are sorted by length: show mid-length sentences
-            self._samples = [list(row) for row in zip(batch["src_text"], batch["tgt_text"], hypotheses)][: self.num_samples]
+            rows = zip(batch["src_text"], batch["tgt_text"], hypotheses)
+            self._samples = [list(row) for row in rows][: self.num_samples]
 
     def _log_epoch(self, stage: str) -> None:
         metrics = self.metrics[stage]
@@ -281,7 +294,7 @@ class Translation(L.LightningModule):
         self._log_epoch("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
-        return self.trainer.datamodule.decode(self.generate(batch["src"]))
+        return self._decode(self.generate(batch["src"]))
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self, self.net, self.optimizer_factory)
