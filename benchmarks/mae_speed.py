@@ -33,19 +33,21 @@ def loss_with_mask_tokens_in_encoder(model: MaskedAutoencoderViT, enc_mask_token
     return model.forward_loss(imgs, pred, mask)
 
 
-def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per call of `step` after `warmup` untimed calls."""
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function in `steps`, called in turn (so load changes on a shared machine hit
+    both alike), after `warmup` untimed rounds."""
+    times = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main() -> None:
@@ -77,8 +79,8 @@ def main() -> None:
 
     visible = lambda: train_step(lambda: model(imgs, args.mask_ratio)[0])  # noqa: E731
     all_tokens = lambda: train_step(lambda: loss_with_mask_tokens_in_encoder(model, enc_mask_token, imgs, args.mask_ratio))  # noqa: E731
-    t_visible = time_steps(visible, args.steps, args.warmup, device)
-    t_all = time_steps(all_tokens, args.steps, args.warmup, device)
+    times = time_interleaved({"visible": visible, "all": all_tokens}, args.steps, args.warmup, device)
+    t_visible, t_all = times["visible"], times["all"]
     name = {"base": "MAE ViT-B/16, 224px", "small": "MAE ViT-Ti/4, 32px"}[args.model]
     print(f"{name}, batch {batch}, mask ratio {args.mask_ratio}, {device.type}, {args.steps} timed steps")
     print(f"  encoder on visible patches only: {t_visible * 1000:9.1f} ms/step")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_papers.callbacks.momentum import MomentumRamp
 from lit_papers.cli import main
+from lit_papers.data.toy import Gaussian1dDataModule
 from lit_papers.metrics.parzen import parzen_estimate, parzen_log_likelihood, select_sigma
 from lit_papers.nets.gan import (
     DCGANDiscriminator,
@@ -332,6 +333,27 @@ def test_digits_config_logs_sample_grids_and_restores_from_checkpoint(tmp_path):
     restored = GAN.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path)
     cli.model.eval(), restored.eval()
     torch.testing.assert_close(restored.sample(z=restored.fixed_noise), cli.model.sample(z=cli.model.fixed_noise))
+
+
+def test_gaussian_toy_data():
+    data = Gaussian1dDataModule(mean=4.0, std=0.5, num_train=5000, num_val=1000, batch_size=100)
+    data.setup()
+    (x,) = next(iter(data.train_dataloader()))
+    assert x.shape == (100, 1)
+    train = data.train_set.tensors[0]
+    assert abs(float(train.mean()) - 4) < 0.03 and abs(float(train.std()) - 0.5) < 0.02
+    grid = torch.linspace(0, 8, 2001)
+    assert float(torch.trapezoid(data.density(grid), grid)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_toy1d_config_draws_the_figure(tmp_path):
+    main(["fit", "--config", str(CONFIGS / "toy1d.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+          "--trainer.enable_progress_bar=false"])
+    (png,) = (tmp_path / "runs/gan_toy1d/toy1d/version_0/images").glob("density_*.png")
+    from torchvision.io import read_image
+
+    image = read_image(str(png))
+    assert image.shape[0] == 3 and min(image.shape[1:]) > 200 and image.float().std() > 10  # a drawn figure
 
 
 @pytest.mark.slow

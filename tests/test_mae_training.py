@@ -197,10 +197,12 @@ def test_digits_recipes_pretrain_then_probe_from_the_checkpoint(tmp_path):
     assert {"train/loss", "val/loss", "probe/acc1"} <= set(cli.trainer.callback_metrics)
     assert list((tmp_path / "runs/mae/digits_pretrain/version_0/images").glob("*.png"))
     ckpt = cli.trainer.checkpoint_callback.last_model_path
-    encoder = vit_from_mae_checkpoint(ckpt, arch="vit_tiny_patch4_32", num_classes=0, global_pool=False)
+    encoder = vit_from_mae_checkpoint(ckpt, arch="vit_micro_patch4_32", num_classes=0, global_pool=False)
     torch.testing.assert_close(encoder.blocks[3].attn.qkv.weight, cli.model.net.blocks[3].attn.qkv.weight)
     assert "decoder_embed.weight" not in encoder_state_dict(ckpt)
     probe = main(["fit", "--config", str(REPO_ROOT / "configs/mae/linprobe_digits.yaml"), *FAST,
                   f"--model.init_args.net.init_args.encoder.init_args.checkpoint={ckpt}"])
     torch.testing.assert_close(probe.model.net.encoder.blocks[3].attn.qkv.weight, encoder.blocks[3].attn.qkv.weight)
+    lars = probe.trainer.optimizers[0]
+    assert isinstance(lars, LARS) and lars.defaults["momentum"] == 0.9, "not SGD's momentum 0 carried over by the CLI"
     assert math.isfinite(float(probe.trainer.callback_metrics["val/acc1"]))

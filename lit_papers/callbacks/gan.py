@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lit_papers.callbacks.images import log_images, min_max_scale
 
@@ -37,10 +38,11 @@ class SampleGrid(L.Callback):
     Args:
         every_n_epochs: log after every n-th epoch.
         nrow: images per row of the grid.
+        upscale: enlarge each image this many times (nearest neighbour), so tiny images stay readable.
     """
 
-    def __init__(self, every_n_epochs: int = 1, nrow: int = 8) -> None:
-        self.every_n_epochs, self.nrow = every_n_epochs, nrow
+    def __init__(self, every_n_epochs: int = 1, nrow: int = 8, upscale: int = 1) -> None:
+        self.every_n_epochs, self.nrow, self.upscale = every_n_epochs, nrow, upscale
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         last = trainer.current_epoch + 1 == trainer.max_epochs
@@ -58,6 +60,8 @@ class SampleGrid(L.Callback):
         else:
             lo, hi = value_range
             images = ((samples - lo) / (hi - lo)).clamp(0, 1)
+        if self.upscale > 1:
+            images = F.interpolate(images, scale_factor=self.upscale, mode="nearest")
         log_images(trainer, "samples", images, nrow=self.nrow)
 
 

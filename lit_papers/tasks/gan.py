@@ -57,8 +57,9 @@ class GAN(L.LightningModule):
     """A generator and a discriminator trained against each other (Algorithm 1).
 
     Logs `train/d_loss`, `train/g_loss`, `train/d_real` and `train/d_fake` (mean D output on real and generated
-    samples), `val/d_real`, `val/d_fake` and, when `parzen_samples > 0`, `val/parzen_ll` and `val/parzen_stderr`
-    (`test/` likewise). Sample grids come from `lit_papers.callbacks.gan.SampleGrid`, drawn from `fixed_noise`.
+    samples), `val/d_real`, `val/d_fake` and, when `parzen_samples > 0`, `val/parzen_ll`, `val/parzen_stderr` and
+    `val/parzen_sigma` (`test/` likewise). Sample grids come from `lit_papers.callbacks.gan.SampleGrid`, drawn from
+    `fixed_noise`. Under DDP the task turns on DDP's `find_unused_parameters` itself (see `setup`).
 
     Args:
         generator: maps `(B, latent_dim)` noise to samples (e.g. from `lit_papers.nets.gan`).
@@ -81,7 +82,7 @@ class GAN(L.LightningModule):
             paper); 0 turns the metric off.
         parzen_sigmas: the bandwidth grid searched on the first `parzen_select_size` validation examples.
         parzen_select_size: validation examples that choose sigma; the rest are scored. Testing scores the whole test
-            set with the sigma chosen at the last validation (the paper's protocol).
+            set with the sigma chosen at the last validation (the paper's protocol), or, without one, like validation.
     """
 
     def __init__(
@@ -163,12 +164,12 @@ class GAN(L.LightningModule):
     # ------------------------------------------------------------------------------------------------- training
 
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-            # Each backward reaches one net only (the other is frozen by toggle_optimizer), so DDP must look for
-            # parameters without gradients, or its reducer waits for them and fails at the next step. Set here,
-            # before the strategy wraps the module, so a plain `strategy: ddp` works.
-            strategy._ddp_kwargs["find_unused_parameters"] = True
+        # Each backward reaches one net only (the other is frozen by toggle_optimizer), so DDP must look for parameters
+        # without gradients, or its reducer waits for them and fails at the next step. Set here, before the strategy
+        # wraps the module, so a plain `strategy: ddp` works (`_ddp_kwargs` holds DDPStrategy's DDP arguments).
+        kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        if isinstance(self.trainer.strategy, DDPStrategy) and isinstance(kwargs, dict):
+            kwargs["find_unused_parameters"] = True
 
     def on_fit_start(self) -> None:
         if self.trainer.world_size > 1:

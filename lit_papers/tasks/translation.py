@@ -244,12 +244,13 @@ class Translation(L.LightningModule):
             raise RuntimeError("translating needs a DataModule with `decode` (see `lit_papers.data.translation`)")
         return data.decode(ids)
 
-    def _losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _losses(self, batch: dict, with_nll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Label-smoothed loss and (for perplexity) plain NLL per non-padding target token, and their count."""
         tgt_out = batch["tgt"][:, 1:]  # (B, T-1): predict each next token
         logits = self.net(batch["src"], batch["tgt"][:, :-1]).flatten(0, 1)  # (B*(T-1), V)
         pad, target = self.net.pad_id, tgt_out.flatten()
         loss = F.cross_entropy(logits, target, ignore_index=pad, label_smoothing=self.label_smoothing)
-        nll = F.cross_entropy(logits, target, ignore_index=pad)  # unsmoothed: perplexity
+        nll = F.cross_entropy(logits, target, ignore_index=pad) if with_nll else None
         return loss, nll, int((tgt_out != pad).sum())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -258,7 +259,7 @@ class Translation(L.LightningModule):
         return loss
 
     def _evaluate(self, batch: dict, batch_idx: int, stage: str, beam_size: int) -> None:
-        loss, nll, num_tokens = self._losses(batch)
+        loss, nll, num_tokens = self._losses(batch, with_nll=True)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=num_tokens, sync_dist=True)
         metrics = self.metrics[stage]
         metrics["nll"].update(nll, num_tokens)
