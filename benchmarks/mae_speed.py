@@ -7,6 +7,10 @@ encodes all L tokens, then decodes them as they are. One training step = forward
 
     python benchmarks/mae_speed.py                    # ViT-B/16 at 224, mask ratio 0.75
     python benchmarks/mae_speed.py --model small      # ViT-Ti on 4x4 patches of 32x32 images (CPU smoke run)
+    python benchmarks/mae_speed.py --model large      # ViT-L/16, the encoder of the paper's Table 2
+
+The ratio grows with the encoder's share of the work: the 8-block decoder is the same for every encoder, so ViT-B gains
+less than the paper's ViT-L/H. On a CPU shared with other jobs, OMP_NUM_THREADS=1 gives steadier timings.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from lit_papers.nets.mae import MaskedAutoencoderViT, mae_vit_base_patch16, mae_vit_tiny_patch4_32
+from lit_papers.nets.mae import MaskedAutoencoderViT, mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_tiny_patch4_32
 
 
 def loss_with_mask_tokens_in_encoder(model: MaskedAutoencoderViT, enc_mask_token: nn.Parameter, imgs: torch.Tensor,
@@ -52,8 +56,8 @@ def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["base", "small"], default="base")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 on a GPU, 4 (base) / 64 (small) on CPU")
+    parser.add_argument("--model", choices=["base", "large", "small"], default="base")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 on a GPU or for small, else 4")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
@@ -62,11 +66,12 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = (mae_vit_base_patch16() if args.model == "base" else mae_vit_tiny_patch4_32()).to(device)
+    builders = {"base": mae_vit_base_patch16, "large": mae_vit_large_patch16, "small": mae_vit_tiny_patch4_32}
+    model = builders[args.model]().to(device)
     enc_mask_token = nn.Parameter(torch.zeros(1, 1, model.num_features, device=device))
     nn.init.normal_(enc_mask_token, std=0.02)
     optimizer = torch.optim.AdamW([*model.parameters(), enc_mask_token], lr=1e-4, betas=(0.9, 0.95))
-    batch = args.batch_size or (64 if device.type == "cuda" else 4 if args.model == "base" else 64)
+    batch = args.batch_size or (64 if device.type == "cuda" or args.model == "small" else 4)
     size = model.patch_embed.img_size
     imgs = torch.randn(batch, 3, size, size, device=device)
 
@@ -81,7 +86,7 @@ def main() -> None:
     all_tokens = lambda: train_step(lambda: loss_with_mask_tokens_in_encoder(model, enc_mask_token, imgs, args.mask_ratio))  # noqa: E731
     times = time_interleaved({"visible": visible, "all": all_tokens}, args.steps, args.warmup, device)
     t_visible, t_all = times["visible"], times["all"]
-    name = {"base": "MAE ViT-B/16, 224px", "small": "MAE ViT-Ti/4, 32px"}[args.model]
+    name = {"base": "MAE ViT-B/16, 224px", "large": "MAE ViT-L/16, 224px", "small": "MAE ViT-Ti/4, 32px"}[args.model]
     print(f"{name}, batch {batch}, mask ratio {args.mask_ratio}, {device.type}, {args.steps} timed steps")
     print(f"  encoder on visible patches only: {t_visible * 1000:9.1f} ms/step")
     print(f"  encoder on all patches + [M]:     {t_all * 1000:9.1f} ms/step")

@@ -200,6 +200,8 @@ def test_digits_recipes_pretrain_then_probe_from_the_checkpoint(tmp_path):
     encoder = vit_from_mae_checkpoint(ckpt, arch="vit_micro_patch4_32", num_classes=0, global_pool=False)
     torch.testing.assert_close(encoder.blocks[3].attn.qkv.weight, cli.model.net.blocks[3].attn.qkv.weight)
     assert "decoder_embed.weight" not in encoder_state_dict(ckpt)
+    restored = MAEPretraining.load_from_checkpoint(ckpt)  # rebuilt from the saved config, no arguments
+    torch.testing.assert_close(restored.net.decoder_pred.weight, cli.model.net.decoder_pred.weight)
     probe = main(["fit", "--config", str(REPO_ROOT / "configs/mae/linprobe_digits.yaml"), *FAST,
                   f"--model.init_args.net.init_args.encoder.init_args.checkpoint={ckpt}"])
     torch.testing.assert_close(probe.model.net.encoder.blocks[3].attn.qkv.weight, encoder.blocks[3].attn.qkv.weight)

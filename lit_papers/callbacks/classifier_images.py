@@ -81,7 +81,8 @@ class ClassifierImages(L.Callback):
 
         matrix = self.confusion.compute().cpu().numpy()  # (true, predicted) counts, synced over devices
         n = len(matrix)
-        fig, ax = plt.subplots(figsize=(max(4, 0.45 * n), max(4, 0.45 * n)))
+        side = min(12.0, max(4.0, 0.45 * n))  # inches; 1000 ImageNet classes still make a readable 1200-pixel image
+        fig, ax = plt.subplots(figsize=(side, side))
         ax.imshow(matrix, cmap="Blues")
         ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("validation confusion matrix")
         if n <= 20:
