@@ -48,12 +48,25 @@ def _in_memory(root: Path) -> list[str]:
     return ["--data.init_args.batch_size=4"]
 
 
+def _parallel_text(root: Path) -> list[str]:
+    pairs = [("Ein Mann fährt Fahrrad.", "A man rides a bike."), ("Zwei Hunde spielen im Schnee.", "Two dogs play in the snow.")] * 8
+    root = root / "parallel"
+    root.mkdir(parents=True)
+    for prefix in ("train", "val", "test"):
+        for lang, i in (("de", 0), ("en", 1)):
+            (root / f"{prefix}.{lang}").write_text("".join(p[i] + "\n" for p in pairs), encoding="utf-8")
+    return [f"--data.init_args.root={root}", "--data.init_args.src_lang=de", "--data.init_args.tgt_lang=en",
+            "--data.init_args.val_prefix=val", "--data.init_args.test_prefix=test",
+            "--data.init_args.vocab_size=300", "--data.init_args.min_frequency=1"]
+
+
 FAKE_DATA = {
     "lit_papers.data.imagenet.ImageNetDataModule": _imagenet,
     "lit_papers.data.cifar.CIFAR10DataModule": _cifar10,
     "lit_papers.data.digits.DigitsDataModule": _in_memory,
     "lit_papers.data.toy.Gaussian1dDataModule": _in_memory,
     "lit_papers.data.translation.ReverseDataModule": lambda root: [],
+    "lit_papers.data.translation.ParallelTextDataModule": _parallel_text,
 }
 
 
