@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from lit_papers.cli import main
 from conftest import CONFIGS, REPO_ROOT
-from fakedata import write_cifar_pickles, write_imagenet_folder
+from fakedata import write_cifar_pickles, write_idx, write_imagenet_folder
 
 
 def _ids(paths):
@@ -44,6 +45,16 @@ def _cifar10(root: Path) -> list[str]:
     return [f"--data.init_args.root={root / 'cifar10'}", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0"]
 
 
+def _mnist(root: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    (root / "mnist").mkdir()
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        write_idx(root / "mnist" / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28)))
+        write_idx(root / "mnist" / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, size=n))
+    return [f"--data.init_args.root={root / 'mnist'}", "--data.init_args.batch_size=4", "--data.init_args.download=false",
+            "--data.init_args.val_size=10"]
+
+
 def _in_memory(root: Path) -> list[str]:
     return ["--data.init_args.batch_size=4"]
 
@@ -63,6 +74,8 @@ def _parallel_text(root: Path) -> list[str]:
 FAKE_DATA = {
     "lit_papers.data.imagenet.ImageNetDataModule": _imagenet,
     "lit_papers.data.cifar.CIFAR10DataModule": _cifar10,
+    "lit_papers.data.gan.CIFAR10GANDataModule": _cifar10,
+    "lit_papers.data.mnist.MNISTDataModule": _mnist,
     "lit_papers.data.digits.DigitsDataModule": _in_memory,
     "lit_papers.data.toy.Gaussian1dDataModule": _in_memory,
     "lit_papers.data.translation.ReverseDataModule": lambda root: [],

@@ -1,6 +1,6 @@
 """What a GAN run shows while it trains: sample grids from fixed noise, and the 1-D picture of the paper's Fig. 1.
 
-Both callbacks use only the task's interface (`sample`, `fixed_noise`, `discriminator`, `generator.output_range`) and
+Both callbacks use only the task's interface (`sample`, `fixed_noise`, `discriminate`, `generator.output_range`) and
 log through `lit_papers.callbacks.images.log_images`, so they work with any logger.
 """
 
@@ -98,7 +98,7 @@ class Density1dPlot(L.Callback):
             hi = float(max(real.max(), fake.max()))
             lo, hi = lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo)
             grid = torch.linspace(lo, hi, 400)
-            d_of_x = pl_module.discriminator(grid.view(-1, 1).to(pl_module.device)).float().sigmoid().cpu()
+            d_of_x = pl_module.discriminate(grid.view(-1, 1)).float().cpu()
             z_to_x = None
             if pl_module.latent_dim == 1:  # the lower panel of Fig. 1: where G sends evenly spaced z
                 half_width = math.sqrt(3) if pl_module.latent_distribution == "uniform" else 2.0  # support / 2 sd

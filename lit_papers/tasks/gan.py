@@ -150,6 +150,11 @@ class GAN(L.LightningModule):
             raise ValueError("pass either n or z")
         return self.generator(self.noise(n) if z is None else z.to(self.device))
 
+    @torch.no_grad()
+    def discriminate(self, x: torch.Tensor) -> torch.Tensor:
+        """D(x) as the paper writes it: the probability that each sample is real, `(B,)` (the net gives logits)."""
+        return self._logits(x.to(self.device)).sigmoid()
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.generator(z)
 
