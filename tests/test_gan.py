@@ -276,16 +276,16 @@ def test_parzen_on_a_known_gaussian():
     # log-likelihood of N(0, I) points is known in closed form.
     torch.manual_seed(0)
     d, sigma = 2, 0.5
-    samples, test = torch.randn(10000, d), torch.randn(2000, d)
-    result = parzen_estimate(test, samples, sigma, chunk_size=1024)
+    samples, test = torch.randn(5000, d), torch.randn(1000, d)
+    result = parzen_estimate(test, samples, sigma, chunk_size=2500)
     var = 1 + sigma**2
     expected = -0.5 * d * math.log(2 * math.pi * var) - 0.5 * d / var
     assert abs(result.mean - expected) < 3 * result.stderr + 0.01
-    ll = parzen_log_likelihood(test, samples, sigma)
-    assert result.stderr == pytest.approx(float(ll.std()) / math.sqrt(2000))
+    ll = parzen_log_likelihood(test, samples, sigma, chunk_size=2500)
+    assert result.stderr == pytest.approx(float(ll.std()) / math.sqrt(1000))
     # Data far from the samples is less likely, and a sigma far too small over-fits the samples.
-    assert parzen_estimate(test + 3, samples, sigma).mean < result.mean - 5
-    assert parzen_estimate(test, samples, 0.01).mean < result.mean
+    assert parzen_estimate(test + 3, samples, sigma, chunk_size=2500).mean < result.mean - 5
+    assert parzen_estimate(test, samples, 0.01, chunk_size=2500).mean < result.mean
 
 
 def test_task_logs_parzen_with_sigma_chosen_on_validation_and_reused_for_test():
