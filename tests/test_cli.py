@@ -5,10 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
-import yaml
 
 from lit_papers.cli import main
 from lit_papers.nets.resnet import CifarResNet
