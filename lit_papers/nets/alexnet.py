@@ -39,7 +39,38 @@ def _paper_lrn() -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2.0)
 
 
-class AlexNet(nn.Module):
+class ConvTrunkFCHead:
+    """The classifier interface of nets built as `features` (convs) -> `avgpool` -> `classifier` (fc6, fc7, fc8).
+
+    AlexNet and VGG share this layout (and torchvision's module names); the pre-logits features are fc7's outputs.
+    """
+
+    features: nn.Sequential
+    avgpool: nn.Module
+    classifier: nn.Sequential
+    num_features: int
+    num_classes: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolutional trunk: (B, 3, H, W) -> (B, C, h, w)."""
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """fc6-fc8 on the conv features; ``pre_logits=True`` stops at the fc7 features (B, num_features)."""
+        x = torch.flatten(self.avgpool(x), 1)  # (B, C * 6 * 6) for AlexNet, (B, 512 * 7 * 7) for VGG
+        x = self.classifier[:-1](x)  # fc6, fc7 with ReLU and dropout: (B, num_features)
+        return x if pre_logits else self.classifier[-1](x)  # (B, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace fc8 with a fresh ``num_classes``-way layer (0 -> identity, i.e. fc7 features)."""
+        self.num_classes = num_classes
+        self.classifier[-1] = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+class AlexNet(ConvTrunkFCHead, nn.Module):
     """AlexNet with the timm-style classifier interface.
 
     Module names (``features``, ``avgpool``, ``classifier``) follow torchvision in both variants.
@@ -147,21 +178,3 @@ class AlexNet(nn.Module):
             nn.init.zeros_(layer.bias)
         for layer in (convs[1], convs[3], convs[4], fcs[0], fcs[1]):  # conv2, conv4, conv5, fc6, fc7
             nn.init.constant_(layer.bias, bias_init)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolutional trunk: (B, 3, 224, 224) -> (B, 256, 6, 6)."""
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """fc6-fc8 on the conv features; ``pre_logits=True`` stops at the fc7 features (B, 4096)."""
-        x = torch.flatten(self.avgpool(x), 1)  # (B, 9216)
-        x = self.classifier[:-1](x)  # fc6, fc7 (with ReLU and dropout): (B, 4096)
-        return x if pre_logits else self.classifier[-1](x)  # (B, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace fc8 with a fresh ``num_classes``-way layer (0 -> identity, i.e. fc7 features)."""
-        self.num_classes = num_classes
-        self.classifier[-1] = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

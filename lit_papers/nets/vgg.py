@@ -30,13 +30,15 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lit_papers.nets.alexnet import ConvTrunkFCHead
+
 # Convs per stage of widths 64-128-256-512-512 (Table 1): A = 11, B = 13, D = 16, E = 19 weight layers (+ 3 FC).
 STAGE_DEPTHS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
 STAGE_WIDTHS = (64, 128, 256, 512, 512)
 Init = Literal["kaiming", "paper", "glorot"]
 
 
-class VGG(nn.Module):
+class VGG(ConvTrunkFCHead, nn.Module):
     """VGG with torchvision's module layout (``features``, ``avgpool``, ``classifier``) and the timm-style interface.
 
     The pre-logits features are the fc7 activations after ReLU and dropout (``num_features = fc_width``).
@@ -107,24 +109,6 @@ class VGG(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Conv stages: (B, 3, 224, 224) -> (B, 512, 7, 7)."""
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """fc6-fc8 on the conv features; ``pre_logits=True`` stops at the fc7 features (B, fc_width)."""
-        x = torch.flatten(self.avgpool(x), 1)  # (B, 512 * pool_size^2)
-        x = self.classifier[:-1](x)  # fc6, fc7 with ReLU and dropout: (B, fc_width)
-        return x if pre_logits else self.classifier[-1](x)  # (B, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace fc8 with a fresh ``num_classes``-way layer (0 -> identity, i.e. fc7 features)."""
-        self.num_classes = num_classes
-        self.classifier[-1] = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def caffe_conv_layers(net: VGG) -> dict[str, list[nn.Module]]:
