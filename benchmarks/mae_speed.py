@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -37,20 +38,21 @@ def loss_with_mask_tokens_in_encoder(model: MaskedAutoencoderViT, enc_mask_token
     return model.forward_loss(imgs, pred, mask)
 
 
-def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each function in `steps`, called in turn (so load changes on a shared machine hit
-    both alike), after `warmup` untimed rounds."""
+    both alike), after `warmup` untimed rounds. `clock=time.process_time` counts this process's CPU time only."""
     times = {name: [] for name in steps}
     for i in range(warmup + repeats):
         for name, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 

@@ -19,10 +19,12 @@ from argparse import ArgumentError
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from lit_papers.callbacks.resume import Preemption, ResumeState
 from lit_papers.callbacks.summary import RunSummary
 from lit_papers.errors import UserInputError, find_user_error, tidy_error
-from lit_papers.checkpointing import find_last_checkpoint, peek_checkpoint
+from lit_papers.checkpointing import AtomicCheckpointIO, find_last_checkpoint, peek_checkpoint
 from lit_papers.loggers import WandbLogger, WandbRunId, run_id_from_checkpoint
 
 # `main(args)` ignores sys.argv on purpose (notebooks, pytest), so Lightning's warning about both being present is noise.
@@ -57,7 +59,8 @@ class LitPapersCLI(LightningCLI):
             # A second run in the same log directory must not fail on the config.yaml the first one saved.
             save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [RunSummary(), WandbRunId()]},
+            # Added to the config's own callbacks: exact resume (RNG states) and a checkpoint on SIGTERM/Ctrl+C.
+            trainer_defaults={"callbacks": [RunSummary(), WandbRunId(), ResumeState(), Preemption()]},
             # Raise parse errors (one message, caught in `console_main`) instead of printing the whole usage.
             parser_kwargs={"exit_on_error": False},
             args=args,
@@ -71,6 +74,11 @@ class LitPapersCLI(LightningCLI):
         wants_bar = trainer_config.get("enable_progress_bar", True) is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = callbacks + [RichProgressBar()]
+        # Atomic checkpoint writes by default, unless the config brings its own CheckpointIO.
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:

@@ -74,6 +74,8 @@ class WandbLogger(LightningWandbLogger):
         # own working directory. The folder must exist, or wandb silently falls back to a temporary one.
         save_dir = Path(save_dir).absolute()
         save_dir.mkdir(parents=True, exist_ok=True)
+        if offline:
+            kwargs.setdefault("mode", "offline")  # for wandb.init: see `experiment`
         super().__init__(
             project=project,
             name=name,
@@ -86,6 +88,22 @@ class WandbLogger(LightningWandbLogger):
             tags=tags,
             **kwargs,
         )
+
+    @property
+    def experiment(self):
+        """The W&B run, started on first use (rank 0; other ranks get a dummy).
+
+        Lightning's property sets `os.environ["WANDB_MODE"] = "dryrun"` to start an offline run, which would keep every
+        later run of the process (a notebook) offline even with credentials; `wandb.init(mode=...)` is told instead.
+        """
+        saved = os.environ.get("WANDB_MODE")
+        try:
+            return super().experiment
+        finally:
+            if saved is None:
+                os.environ.pop("WANDB_MODE", None)
+            else:
+                os.environ["WANDB_MODE"] = saved
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
@@ -123,7 +126,15 @@ def build_optimizer(
     """The optimizer of every task: `param_groups(net, ...)`, then `lr = base_lr x effective batch / 256` if `base_lr`
     is given (the linear scaling rule of Goyal et al. used by MAE; the batch comes from `task.trainer`), else the
     optimizer's own lr, times each group's `lr_scale`."""
-    optimizer = factory(param_groups(net, decay_norm_and_bias, layer_decay))
+    # Under FSDP each parameter is by now a flat 1-D view of this rank's shard, which the 1-D rule of `param_groups`
+    # would take for a bias or norm scale (no weight decay anywhere): group the same parameters while FSDP shows them
+    # whole, in their real shapes.
+    strategy = task.trainer.strategy
+    whole = FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False) \
+        if isinstance(strategy, FSDPStrategy) else nullcontext()
+    with whole:
+        groups = param_groups(net, decay_norm_and_bias, layer_decay)
+    optimizer = factory(groups)
     lr = base_lr * effective_batch_size(task.trainer) / 256 if base_lr is not None else optimizer.defaults["lr"]
     set_lr(optimizer, lr)
     return optimizer

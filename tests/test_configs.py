@@ -89,7 +89,9 @@ def test_config_smoke_runs_one_step(config, tmp_path):
     assert data_class in FAKE_DATA, f"no fake data for {data_class}: add a writer to FAKE_DATA in {__file__}"
     cli = main(
         ["fit", "--config", str(config), *FAKE_DATA[data_class](tmp_path)]
-        + ["--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}"]
+        # One CPU process: multi-GPU strategies (FSDP needs CUDA) fall back to Lightning's default.
+        + ["--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
+           "--trainer.strategy=auto", f"--trainer.default_root_dir={tmp_path}"]
     )
     assert cli.trainer.state.finished and cli.trainer.global_step > 0
     for name, value in cli.trainer.callback_metrics.items():

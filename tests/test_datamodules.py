@@ -55,12 +55,36 @@ def test_imagenet_batches_are_normalised_224_crops(imagenet_root):
     assert yv[0] == 0 and (xv[0].permute(1, 2, 0) - ref).abs().mean() < 0.03
 
 
-@pytest.mark.parametrize("pipeline", ["resnet", "mae"])
+@pytest.mark.parametrize("pipeline", ["resnet", "mae", "mae_finetune"])
 def test_imagenet_other_pipelines_and_ten_crop(imagenet_root, pipeline):
     dm = ImageNetDataModule(imagenet_root, pipeline=pipeline, batch_size=2, num_workers=0, ten_crop=True)
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))[0].shape == (2, 3, 224, 224)
     assert next(iter(dm.val_dataloader()))[0].shape == (2, 10, 3, 224, 224)
+
+
+def test_mae_pipelines_evaluate_with_a_bicubic_resize_and_crop_as_the_reference(imagenet_root):
+    """MAE's reference: Resize(256, bicubic) + CenterCrop(224) for evaluation; RandomResizedCrop scale (0.08, 1)
+    for the probe (`min_scale`) and fine-tuning, (0.2, 1) for pre-training."""
+    dm = ImageNetDataModule(imagenet_root, pipeline="mae_finetune", batch_size=2, num_workers=0)
+    dm.setup("fit")
+    xv, _ = next(iter(dm.val_dataloader()))
+    img = Image.open(dm.val_set.path(0)).convert("RGB")
+    w, h = img.size
+    img = img.resize((int(w * 256 / h), 256) if h < w else (256, int(h * 256 / w)), Image.BICUBIC)
+    left, top = (img.width - 224) // 2, (img.height - 224) // 2
+    ref = torch.from_numpy(np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255)
+    ref = ((ref - torch.tensor(T.IMAGENET_MEAN)) / torch.tensor(T.IMAGENET_STD)).permute(2, 0, 1)
+    assert (xv[0] - ref).abs().mean() < 0.005  # a bilinear resize is 0.03 away
+    assert dm.val_set.transform.transforms[0].interpolation == T.v2.InterpolationMode.BICUBIC
+    erase = dm.train_set.transform.transforms[-1]
+    assert isinstance(erase, T.v2.RandomErasing) and erase.p == 0.25 and dm.min_scale == 0.08
+    assert ImageNetDataModule(imagenet_root, pipeline="mae").min_scale == 0.2
+    probe = ImageNetDataModule(imagenet_root, pipeline="mae", min_scale=0.08, num_workers=0)
+    probe.setup("fit")
+    assert probe.train_set.transform.transforms[0].scale == (0.08, 1.0)
+    with pytest.raises(ValueError, match="gpu_augment"):
+        ImageNetDataModule(imagenet_root, pipeline="mae_finetune", gpu_augment=True)
 
 
 def test_missing_imagenet_folder_names_path_and_layout(tmp_path):

@@ -10,10 +10,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lit_papers.callbacks.finetuning import FreezeBackbone
 from lit_papers.callbacks.images import log_images
 from lit_papers.callbacks.linear_probe import OnlineLinearProbe
 from lit_papers.cli import main
@@ -24,6 +26,7 @@ from lit_papers.optim import LARS, WarmupCosineLR, build_optimizer, effective_ba
 from lit_papers.tasks.classification import ImageClassifier
 from lit_papers.tasks.mae import MAEPretraining
 from conftest import REPO_ROOT
+from wandb_records import read_records, run_contents
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 MAE = dict(VIT, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=3)
@@ -191,11 +194,26 @@ def test_mixup_cutmix_train_against_soft_targets():
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_digits_recipes_pretrain_then_probe_from_the_checkpoint(tmp_path):
+def _wandb_run(run_dir):
+    """The run record of an offline W&B run folder: group, job type, tags."""
+    (log,) = run_dir.glob("run-*.wandb")
+    return next(r.run for r in read_records(log) if r.WhichOneof("record_type") == "run")
+
+
+def test_digits_recipes_log_to_wandb_then_probe_from_the_checkpoint(tmp_path):
     cli = main(["fit", "--config", str(REPO_ROOT / "configs/mae/pretrain_digits.yaml"), *FAST,
-                "--model.init_args.log_images_every_n_epochs=1", "--data.init_args.batch_size=16"])
+                "--model.init_args.log_images_every_n_epochs=1", "--data.init_args.batch_size=16",
+                "--trainer.log_every_n_steps=1"])
     assert {"train/loss", "val/loss", "probe/acc1"} <= set(cli.trainer.callback_metrics)
-    assert list((tmp_path / "runs/mae/digits_pretrain/version_0/images").glob("*.png"))
+    # What W&B recorded offline: metrics, and the reconstruction grid (8 images x 4 panels of 32 x 32, 2 px padding).
+    (run_dir,) = sorted((tmp_path / "runs/mae/wandb").glob("offline-run-*"))
+    _, _, history = run_contents(run_dir)
+    assert {"train/loss", "val/loss", "probe/acc1", "trainer/global_step"} <= {key for row in history for key in row}
+    assert any("image" in row.get("val/reconstructions/_type", "") for row in history)
+    (png,) = (run_dir / "files/media/images").glob("val/reconstructions_*.png")
+    assert Image.open(png).size == (2 + 4 * 34, 2 + 8 * 34)
+    run = _wandb_run(run_dir)
+    assert (run.run_group, run.job_type, run.display_name) == ("mae", "pretrain", "digits_pretrain")
     ckpt = cli.trainer.checkpoint_callback.last_model_path
     encoder = vit_from_mae_checkpoint(ckpt, arch="vit_micro_patch4_32", num_classes=0, global_pool=False)
     torch.testing.assert_close(encoder.blocks[3].attn.qkv.weight, cli.model.net.blocks[3].attn.qkv.weight)
@@ -208,3 +226,61 @@ def test_digits_recipes_pretrain_then_probe_from_the_checkpoint(tmp_path):
     lars = probe.trainer.optimizers[0]
     assert isinstance(lars, LARS) and lars.defaults["momentum"] == 0.9, "not SGD's momentum 0 carried over by the CLI"
     assert math.isfinite(float(probe.trainer.callback_metrics["val/acc1"]))
+    probe_run = sorted((tmp_path / "runs/mae/wandb").glob("offline-run-*"))[-1]
+    assert "val/acc1" in {key for row in run_contents(probe_run)[2] for key in row}
+    assert _wandb_run(probe_run).job_type == "linear_probe"
+
+
+class _EpochSnapshots(L.Callback):
+    """The net's parameters at the end of every training epoch."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+        self.stop_after = stop_after
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.snapshots.append({n: p.detach().clone() for n, p in pl_module.net.named_parameters()})
+        trainer.should_stop = len(self.snapshots) == self.stop_after  # a run interrupted mid-schedule
+
+
+def _finetune_task() -> ImageClassifier:
+    net = VisionTransformer(**VIT, num_classes=10, global_pool=True)  # pos_embed fixed by design: stays frozen
+    return ImageClassifier(net, optimizer=functools.partial(torch.optim.AdamW, weight_decay=0.05), base_lr=0.05,
+                           layer_decay=0.75, decay_norm_and_bias=False, scheduler_interval="step",
+                           lr_scheduler=functools.partial(WarmupCosineLR, warmup_epochs=1))
+
+
+def test_freeze_backbone_then_unfreeze_into_the_task_param_groups(tmp_path):
+    torch.manual_seed(0)
+    task, snaps = _finetune_task(), _EpochSnapshots(stop_after=2)
+    start = {n: p.detach().clone() for n, p in task.net.named_parameters()}
+    trainer = _trainer(max_epochs=3, callbacks=[FreezeBackbone(unfreeze_at_epoch=1), snaps])
+    trainer.fit(task, _loader())  # 4 steps per epoch
+    first, second = snaps.snapshots
+    head = {"head.weight", "head.bias"}
+    assert {n for n in start if not torch.equal(first[n], start[n])} == head, "epoch 0 trains the head only"
+    assert {n for n in start if not torch.equal(second[n], first[n])} == set(start) - {"pos_embed"}
+    assert not task.net.pos_embed.requires_grad
+    # Every parameter is now optimised with the lr scale and weight decay the task gives a fully trainable net.
+    optimizer = trainer.optimizers[0]
+
+    def settings(groups):
+        return {id(p): (g["lr_scale"], g.get("weight_decay", 0.05)) for g in groups for p in g["params"]}
+
+    assert settings(optimizer.param_groups) == settings(param_groups(task.net, decay_norm_and_bias=False, layer_decay=0.75))
+    num_groups = len(optimizer.param_groups)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    peak = 0.05 * 8 / 256
+    assert (scheduler.total_steps, scheduler.last_epoch) == (12, 8)
+    assert scheduler.base_lrs == pytest.approx([peak * g["lr_scale"] for g in optimizer.param_groups])
+    factor = scheduler.factor(scheduler.last_epoch)  # every group, old or new, follows the same schedule
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([b * factor for b in scheduler.base_lrs])
+    # Resuming the interrupted run after the unfreezing epoch rebuilds the same optimizer and keeps the backbone trainable.
+    trainer.save_checkpoint(tmp_path / "ft.ckpt")
+    torch.manual_seed(1)
+    resumed, snaps = _finetune_task(), _EpochSnapshots()
+    trainer = _trainer(max_epochs=3, callbacks=[FreezeBackbone(unfreeze_at_epoch=1), snaps])
+    trainer.fit(resumed, _loader(), ckpt_path=tmp_path / "ft.ckpt")
+    assert len(trainer.optimizers[0].param_groups) == num_groups
+    (third,) = snaps.snapshots
+    assert all(not torch.equal(third[n], second[n]) for n in second if n != "pos_embed")

@@ -304,6 +304,7 @@ def test_token_batches_cover_everything_and_split_evenly_across_ranks():
 def test_parallel_text_fit_then_test_reuses_the_checkpoint_tokenizer(tmp_path, monkeypatch):
     root = _corpus(tmp_path / "corpus")
     args = ["--config", REVERSE, *QUIET, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",  # samples as markdown files under log_dir
             "--data=lit_papers.data.translation.ParallelTextDataModule", f"--data.root={root}", "--data.src_lang=de",
             "--data.tgt_lang=en", "--data.vocab_size=300", "--data.min_frequency=1", "--data.max_tokens=200",
             "--model.init_args.net.init_args.src_vocab_size=300", "--model.init_args.max_len_offset=3"]

@@ -11,6 +11,7 @@ from sklearn.datasets import load_sample_images
 from torchvision.transforms import v2
 
 from lit_papers.data import transforms as T
+from lit_papers.data.randaugment import RANDAUGMENT_OPS, RandAugment
 
 EIGVAL = torch.tensor(T.IMAGENET_EIGVAL)
 EIGVEC = torch.tensor(T.IMAGENET_EIGVEC)
@@ -215,3 +216,72 @@ def test_device_split_of_resnet_and_mae_matches_per_image(name, photo):
     assert b.shape == a.shape and b.dtype == a.dtype
     assert torch.allclose(a.mean((0, 2, 3)), b.mean((0, 2, 3)), atol=0.05)
     assert torch.allclose(a.std((0, 2, 3)), b.std((0, 2, 3)), rtol=0.05)
+
+
+def test_randaugment_ops_match_timm(photo):
+    """Each op at magnitude 9, both signs, against timm's PIL op (MAE's reference pipeline) with the same argument."""
+    timm_aa = pytest.importorskip("timm.data.auto_augment")
+    import random
+
+    from PIL import Image
+
+    img = photo[:, 100:300:2, 200:400:2].contiguous()  # (3, 100, 100)
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    fill = (124, 116, 104)
+    hparams = dict(img_mean=fill, interpolation=Image.BILINEAR)  # timm's bicubic has no tensor kernel: see RandAugment
+    geo = dict(interpolation=v2.InterpolationMode.BILINEAR, fill=[float(v) for v in fill])
+    assert sorted(RANDAUGMENT_OPS) == sorted(timm_aa._RAND_INCREASING_TRANSFORMS)
+    for name, op in RANDAUGMENT_OPS.items():
+        for seed in (0, 1):  # timm draws the sign from Python's `random`: these seeds give one of each
+            random.seed(seed)
+            level_fn = timm_aa.LEVEL_TO_ARG[name]
+            args = level_fn(9.0, hparams) if level_fn else ()
+            ref = torch.from_numpy(np.asarray(timm_aa.NAME_TO_OP[name](pil, *args, fillcolor=fill, resample=Image.BILINEAR)))
+            centre = 1.0 if "Increasing" in name and name[:-10] in ("Color", "Contrast", "Brightness", "Sharpness") else 0.0
+            sign = 1.0 if not args or args[0] >= centre else -1.0
+            diff = (op(img, 0.9, sign, geo).permute(1, 2, 0).float() - ref.float()).abs()
+            if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+                assert diff.mean() < 1.5, (name, args, diff.mean())  # resampling differences; a wrong sign gives > 10
+            else:
+                assert diff.max() <= 1, (name, args, diff.max())  # rounding only
+
+
+def test_randaugment_draws_two_ops_with_prob_half_and_noisy_magnitude():
+    ra = RandAugment()  # rand-m9-mstd0.5-inc1
+    plans = [ra.sample() for _ in range(6000)]
+    counts = torch.tensor([float(len(p)) for p in plans])
+    assert counts.mean() == pytest.approx(1.0, abs=0.04) and set(counts.tolist()) == {0.0, 1.0, 2.0}  # Binomial(2, 0.5)
+    names = [name for p in plans for name, _, _ in p]
+    freq = torch.tensor([names.count(n) for n in RANDAUGMENT_OPS], dtype=torch.float) / len(names)
+    assert len(freq) == 15 and (freq - 1 / 15).abs().max() < 0.015
+    magnitudes = torch.tensor([10 * level for p in plans for _, level, _ in p])
+    assert magnitudes.max() <= 10 and magnitudes.mean() == pytest.approx(9.0, abs=0.03)
+    assert magnitudes.std() == pytest.approx(0.5, abs=0.04)  # N(9, 0.5), the 2% above 10 clipped
+    signs = torch.tensor([sign for p in plans for _, _, sign in p])
+    assert signs.abs().eq(1).all() and signs.mean().abs() < 0.05
+    assert all(len(p) == 2 and all(level == 0.9 for _, level, _ in p)
+               for p in (RandAugment(prob=1.0, magnitude_std=0.0).sample() for _ in range(20)))
+
+
+def test_mae_finetune_pipeline_composition_and_erasing(photo):
+    chain, erase = T.mae_finetune_train().transforms
+    rrc, flip, ra, to_float, normalize = chain.transforms
+    assert rrc.scale == (0.08, 1.0) and rrc.interpolation == v2.InterpolationMode.BICUBIC and tuple(rrc.size) == (224, 224)
+    assert isinstance(flip, v2.RandomHorizontalFlip) and isinstance(to_float, T.ToFloat)
+    assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.prob, ra.fill) == (2, 9.0, 0.5, 0.5, [124.0, 116.0, 104.0])
+    assert isinstance(erase, v2.RandomErasing) and erase.p == 0.25
+    # Erasing comes after normalisation and writes N(0, 1) noise, one rectangle of 2%-33% of the image.
+    plain = T.mae_finetune_train(crop_size=64, randaugment_magnitude=0, erase_prob=0)
+    erased = T.mae_finetune_train(crop_size=64, randaugment_magnitude=0, erase_prob=1.0)
+    assert len(plain.transforms[0].transforms) == 4 and len(plain.transforms) == 1
+    torch.manual_seed(0)
+    a = plain(photo)
+    torch.manual_seed(0)
+    b = erased(photo)
+    changed = (a != b).all(0)  # (64, 64)
+    rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+    box = b[:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert 0.02 * 64 * 64 <= changed.sum() <= 0.34 * 64 * 64 and changed.sum() == box[0].numel()
+    assert box.mean().abs() < 0.15 and box.std() == pytest.approx(1.0, abs=0.15)
+    out = T.mae_finetune_train()(photo)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32 and out.isfinite().all()

@@ -3,26 +3,12 @@ class, and the confusion matrix of the last validation epoch at the end of fit."
 
 from __future__ import annotations
 
-import io
-
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lit_papers.callbacks.images import log_images, min_max_scale
-
-
-def figure_to_tensor(fig) -> torch.Tensor:
-    """Render a matplotlib figure to a `(3, H, W)` tensor in [0, 1] and close it."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    image = np.asarray(Image.open(buffer).convert("RGB"))  # (H, W, 3) uint8
-    return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
+from lit_papers.callbacks.images import figure_to_tensor, log_images, min_max_scale
 
 
 class ClassifierImages(L.Callback):

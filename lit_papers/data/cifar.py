@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from lit_papers.data.base import ImageDataModule
+from lit_papers.data.base import ImageDataModule, InMemoryDataset
 from lit_papers.data.imagenet import ImageFolderDataset, find_classes, load_rgb
 from lit_papers.data.transforms import (
     CIFAR10_MEAN,
@@ -34,20 +33,6 @@ from lit_papers.data.transforms import (
     cifar_train,
     device_train_pipeline,
 )
-
-
-class InMemoryDataset(Dataset):
-    """`(transform(images[i]), labels[i])` over uint8 images `(N, C, H, W)` held in memory."""
-
-    def __init__(self, images: Tensor, labels: Tensor, transform=None) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        img = self.images[index]
-        return (self.transform(img) if self.transform else img), int(self.labels[index])
 
 
 def stratified_split(labels: Tensor, val_size: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -91,7 +76,7 @@ class CIFAR10DataModule(DeviceAugmentMixin, ImageDataModule):
         root: folder with `cifar-10-batches-py/` or `train/<class>/` + `test/<class>/` image folders.
         batch_size: images per batch on each device.
         num_workers: loader worker processes.
-        pin_memory: page-locked host memory; `None` turns it on when CUDA is available.
+        pin_memory: page-locked host memory; `None` pins when the Trainer runs on CUDA.
         persistent_workers: keep workers alive between epochs.
         seed: seeds shuffling and the workers' random streams.
         download: fetch the official files into `root` when neither layout is there.
@@ -101,6 +86,8 @@ class CIFAR10DataModule(DeviceAugmentMixin, ImageDataModule):
             dataset's standard per-channel mean/std.
         per_pixel_mean: subtract the stats file's 32x32 mean image (the ResNet paper's "per-pixel mean").
         gpu_augment: pad/crop/flip/normalise training batches on the device instead of per image in the workers.
+        on_device: hold the whole dataset on the accelerator as uint8 and make every batch there (shuffle,
+            pad/crop/flip, normalise: `lit_papers.data.on_device`); no workers, no copies. Implies `gpu_augment`.
     """
 
     num_classes = 10
@@ -124,10 +111,11 @@ class CIFAR10DataModule(DeviceAugmentMixin, ImageDataModule):
         stats: str | Path | None = None,
         per_pixel_mean: bool = False,
         gpu_augment: bool = False,
+        on_device: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, seed)
         self.root, self.download, self.val_size = Path(root).expanduser(), download, val_size
-        self.per_pixel_mean, self.gpu_augment = per_pixel_mean, gpu_augment
+        self.per_pixel_mean, self.gpu_augment, self.on_device = per_pixel_mean, gpu_augment, on_device
         self.stats = DatasetStats.load(stats) if stats is not None else DatasetStats.constants(*self.mean_std)
 
     def _layout(self) -> str | None:
@@ -177,7 +165,9 @@ class CIFAR10DataModule(DeviceAugmentMixin, ImageDataModule):
         if self.train_set is not None:
             return
         ppm = dict(stats=self.stats, per_pixel_mean=self.per_pixel_mean)
-        if self.gpu_augment:
+        if self.on_device:  # the batch half is the whole pipeline: the data are already uint8 32x32 on the device
+            _, train_tf = device_train_pipeline("cifar", crop_size=32, padding=4, **ppm)
+        elif self.gpu_augment:
             train_tf, self.train_batch_augment = device_train_pipeline("cifar", crop_size=32, padding=4, **ppm)
         else:
             train_tf = cifar_train(**ppm)

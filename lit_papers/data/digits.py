@@ -10,26 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from lit_papers.data.base import ImageDataModule
-
-
-class TensorImageDataset(Dataset):
-    """Images held in memory as one float tensor `(N, C, H, W)`, with an optional per-image transform."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None) -> None:
-        self.images, self.targets, self.transform = images, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index]
+from lit_papers.data.base import ImageDataModule, InMemoryDataset
+from lit_papers.data.transforms import BatchAugment, DatasetStats
 
 
 class DigitsDataModule(ImageDataModule):
@@ -42,6 +26,8 @@ class DigitsDataModule(ImageDataModule):
         split_seed: fixes which images are held out, independently of the training seed.
         batch_size, num_workers, pin_memory, persistent_workers, seed: see `ImageDataModule`.
         normalize: subtract the training mean image and divide by the std; `False` keeps pixels in [0, 1] (GANs).
+        on_device: hold the (float) images on the accelerator and make every batch there, translations included
+            (`lit_papers.data.on_device`); no workers, no copies.
     """
 
     num_classes = 10
@@ -58,6 +44,7 @@ class DigitsDataModule(ImageDataModule):
         persistent_workers: bool = True,
         seed: int = 0,
         normalize: bool = True,
+        on_device: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, seed)
         self.val_fraction = val_fraction
@@ -65,6 +52,7 @@ class DigitsDataModule(ImageDataModule):
         self.augment = augment
         self.split_seed = split_seed
         self.normalize = normalize
+        self.on_device = on_device
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -88,6 +76,11 @@ class DigitsDataModule(ImageDataModule):
         self.std = float((train_images - self.mean_image).std())
         normalise = (lambda x: (x - self.mean_image) / self.std) if self.normalize else (lambda x: x)  # noqa: E731
         pad = self.image_size // 8
-        augment = v2.RandomCrop(self.image_size, padding=pad) if self.augment else None
-        self.train_set = TensorImageDataset(normalise(train_images), targets[train_idx], augment)
-        self.val_set = TensorImageDataset(normalise(images[val_idx]), targets[val_idx])
+        augment = None
+        if self.augment and self.on_device:  # the same zero-padded random crop, per batch (identity normalisation)
+            identity = DatasetStats.constants((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+            augment = BatchAugment(identity, crop_size=self.image_size, padding=pad)
+        elif self.augment:
+            augment = v2.RandomCrop(self.image_size, padding=pad)
+        self.train_set = InMemoryDataset(normalise(train_images), targets[train_idx], augment)
+        self.val_set = InMemoryDataset(normalise(images[val_idx]), targets[val_idx])

@@ -23,7 +23,7 @@ class CIFAR10GANDataModule(CIFAR10DataModule):
         root: folder with `cifar-10-batches-py/` or `train/<class>/` + `test/<class>/` image folders.
         batch_size: images per batch on each device (128 in the DCGAN paper).
         num_workers: loader worker processes.
-        pin_memory: page-locked host memory; `None` turns it on when CUDA is available.
+        pin_memory: page-locked host memory; `None` pins when the Trainer runs on CUDA.
         persistent_workers: keep workers alive between epochs.
         seed: seeds shuffling and the workers' random streams.
         download: fetch the official files into `root` when neither layout is there.

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lit_papers.errors import UserInputError
@@ -32,6 +33,7 @@ from lit_papers.data.transforms import (
     alexnet_train,
     device_train_pipeline,
     googlenet_train,
+    mae_finetune_train,
     mae_train,
     multi_scale_eval,
     resnet_train,
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The papers' `scale_range` / `min_scale` per pipeline, used when the DataModule gets `None`.
 SCALE_RANGE = {"resnet": (256, 480), "vgg": (256, 512)}
-MIN_SCALE = {"mae": 0.2, "googlenet": 0.08}
+MIN_SCALE = {"mae": 0.2, "mae_finetune": 0.08, "googlenet": 0.08}
+PIPELINES = ("alexnet", "resnet", "mae", "mae_finetune", "vgg", "googlenet")
 MAX_CONSECUTIVE_BAD = 50  # "skip" gives up when this many files in a row fail: the folder is probably not images
 
 
@@ -166,11 +169,14 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         root: folder holding `train/<class>/<image>` and `val/<class>/<image>`.
         pipeline: training augmentation: "alexnet" (256 frame, random 224 crop + flip, PCA lighting), "resnet" (short
             side random in `scale_range`, random crop + flip, lighting), "vgg" (the same scale jittering with S in
-            [256, 512]), "googlenet" (crops of 8%-100% area, aspect 3/4-4/3, + flip) or "mae" (RandomResizedCrop(0.2,
-            1) + flip). Evaluation is short side `resize` -> centre `crop_size` (or 10 crops, or `eval_scales`).
+            [256, 512]), "googlenet" (crops of 8%-100% area, aspect 3/4-4/3, + flip), "mae" (bicubic RandomResizedCrop(0.2,
+            1) + flip: MAE pre-training, and its linear probe with `min_scale=0.08`) or "mae_finetune" (bicubic
+            RandomResizedCrop(0.08, 1) + flip + RandAugment + random erasing, see `mae_finetune_train`).
+            Evaluation is short side `resize` -> centre `crop_size` (or 10 crops, or `eval_scales`), resized
+            bicubically for the MAE pipelines as in the MAE reference code, bilinearly otherwise.
         batch_size: images per batch on each device.
         num_workers: loader worker processes; JPEG decoding needs several per GPU.
-        pin_memory: page-locked host memory; `None` turns it on when CUDA is available.
+        pin_memory: page-locked host memory; `None` pins when the Trainer runs on CUDA.
         persistent_workers: keep workers alive between epochs.
         seed: seeds shuffling and the workers' random streams.
         bad_images: "raise" stops at an unreadable file with its path; "skip" logs it and serves the next sample.
@@ -189,14 +195,17 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         scale_range: short-side range of the "resnet"/"vgg" scale augmentation; `None`: [256, 480] (resnet), [256,
             512] (vgg). Equal ends give VGG's single-scale training.
         alphastd: standard deviation of the PCA lighting coefficients ("alexnet", "resnet"); 0 turns it off.
-        min_scale: smallest crop area fraction of the "mae"/"googlenet" RandomResizedCrop; `None`: 0.2 (mae
-            pre-training; the MAE linear probe uses 0.08), 0.08 (googlenet).
+        min_scale: smallest crop area fraction of the "mae"/"mae_finetune"/"googlenet" RandomResizedCrop; `None`:
+            0.2 (mae pre-training; the MAE linear probe sets 0.08), 0.08 (mae_finetune, googlenet).
+        randaugment_magnitude: "mae_finetune" only: mean RandAugment magnitude on timm's 0-10 scale (MAE: 9, with
+            magnitude std 0.5, 2 ops; see `lit_papers.data.transforms.RandAugment`); 0 turns RandAugment off.
+        erase_prob: "mae_finetune" only: probability of random erasing with per-pixel normal noise (MAE: 0.25).
     """
 
     def __init__(
         self,
         root: str | Path,
-        pipeline: Literal["alexnet", "resnet", "mae", "vgg", "googlenet"] = "alexnet",
+        pipeline: Literal["alexnet", "resnet", "mae", "mae_finetune", "vgg", "googlenet"] = "alexnet",
         batch_size: int = 256,
         num_workers: int = 8,
         pin_memory: bool | None = None,
@@ -214,10 +223,14 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         scale_range: tuple[int, int] | None = None,
         alphastd: float = 0.1,
         min_scale: float | None = None,
+        randaugment_magnitude: float = 9.0,
+        erase_prob: float = 0.25,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, seed)
-        if pipeline not in ("alexnet", "resnet", "mae", "vgg", "googlenet"):
-            raise ValueError(f"pipeline must be 'alexnet', 'resnet', 'mae', 'vgg' or 'googlenet', got {pipeline!r}")
+        if pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {', '.join(map(repr, PIPELINES))}, got {pipeline!r}")
+        if gpu_augment and pipeline == "mae_finetune":
+            raise ValueError("gpu_augment is not available for 'mae_finetune': RandAugment runs per image in the workers")
         if eval_scales and (ten_crop or per_pixel_mean):
             raise ValueError("eval_scales (multi-scale evaluation) excludes ten_crop and per_pixel_mean")
         if bad_images not in ("raise", "skip"):
@@ -230,6 +243,7 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
         self.scale_range = tuple(scale_range) if scale_range is not None else SCALE_RANGE.get(pipeline, (256, 480))
         self.min_scale = min_scale if min_scale is not None else MIN_SCALE.get(pipeline, 0.2)
         self.alphastd, self.eval_scales, self.eval_grid = alphastd, eval_scales, eval_grid
+        self.randaugment_magnitude, self.erase_prob = randaugment_magnitude, erase_prob
         self.stats = DatasetStats.load(stats) if stats is not None else DatasetStats.imagenet()
         self.classes = find_classes(self.root / "train", self.root)
         self.num_classes = len(self.classes)
@@ -251,6 +265,9 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
             return vgg_train(scale_range=self.scale_range, alphastd=self.alphastd, **kw)
         if self.pipeline == "googlenet":
             return googlenet_train(min_scale=self.min_scale, **kw)
+        if self.pipeline == "mae_finetune":
+            return mae_finetune_train(min_scale=self.min_scale, randaugment_magnitude=self.randaugment_magnitude,
+                                      erase_prob=self.erase_prob, **kw)
         return mae_train(min_scale=self.min_scale, **kw)
 
     def setup(self, stage: str | None = None) -> None:
@@ -258,7 +275,7 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
             # Smallest short side the training pipeline needs from the JPEG decoder (see `load_rgb`); MAE's small
             # random crops get upscaled, so it decodes at full resolution.
             draft = {"alexnet": self.resize, "resnet": self.scale_range[1], "vgg": self.scale_range[1], "mae": None,
-                     "googlenet": None}[self.pipeline]
+                     "mae_finetune": None, "googlenet": None}[self.pipeline]
             self.train_set = ImageFolderDataset(
                 self.root / "train", self.classes, self._train_transform(), self.bad_images, draft
             )
@@ -270,8 +287,11 @@ class ImageNetDataModule(DeviceAugmentMixin, ImageDataModule):
                 )
                 draft = max(self.eval_scales)  # decode large enough for the largest scale
             else:
-                make_eval = ten_crop_eval if self.ten_crop else alexnet_eval
-                transform = make_eval(
-                    crop_size=self.crop_size, resize=self.resize, stats=self.stats, per_pixel_mean=self.per_pixel_mean
-                )
+                kw = dict(crop_size=self.crop_size, resize=self.resize, stats=self.stats,
+                          per_pixel_mean=self.per_pixel_mean)
+                if self.ten_crop:
+                    transform = ten_crop_eval(**kw)
+                else:  # MAE's reference evaluates with a bicubic resize (224 / 256 crop ratio)
+                    mode = InterpolationMode.BICUBIC if self.pipeline.startswith("mae") else InterpolationMode.BILINEAR
+                    transform = alexnet_eval(**kw, interpolation=mode)
             self.val_set = ImageFolderDataset(self.root / "val", self.classes, transform, self.bad_images, draft)

@@ -17,8 +17,8 @@ from torch import Tensor
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from lit_papers.data.base import ImageDataModule
-from lit_papers.data.cifar import InMemoryDataset, stratified_split
+from lit_papers.data.base import ImageDataModule, InMemoryDataset
+from lit_papers.data.cifar import stratified_split
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -47,12 +47,14 @@ class MNISTDataModule(ImageDataModule):
         root: folder with the IDX files, or a torchvision download root (`root/MNIST/raw`).
         batch_size: images per batch on each device (the GAN paper's MNIST runs use 100).
         num_workers: loader worker processes (0 is fine: the data are in memory).
-        pin_memory: page-locked host memory; `None` turns it on when CUDA is available.
+        pin_memory: page-locked host memory; `None` pins when the Trainer runs on CUDA.
         persistent_workers: keep workers alive between epochs.
         seed: seeds shuffling and the workers' random streams.
         download: fetch the official files into `root/<name>/raw` when they are missing.
         val_size: 0 validates on the test set; e.g. 10000 holds out a stratified, fixed part of the training set.
         normalize: subtract the dataset mean and divide by its std (for classifiers) instead of keeping [0, 1].
+        on_device: hold the whole dataset on the accelerator as uint8 and make every batch there (shuffle, scale,
+            normalise: `lit_papers.data.on_device`); no workers, no copies.
     """
 
     num_classes = 10
@@ -70,9 +72,11 @@ class MNISTDataModule(ImageDataModule):
         download: bool = True,
         val_size: int = 0,
         normalize: bool = False,
+        on_device: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, seed)
         self.root, self.download, self.val_size, self.normalize = Path(root).expanduser(), download, val_size, normalize
+        self.on_device = on_device
 
     @property
     def search_dirs(self) -> list[Path]:
@@ -117,7 +121,7 @@ class MNISTDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        ops = [v2.ToDtype(torch.float32, scale=True)]
+        ops = [v2.ToDtype(torch.float32, scale=True)]  # per image or, on the device, per batch: both work
         if self.normalize:
             ops.append(v2.Normalize(*self.mean_std))
         transform = v2.Compose(ops)

@@ -5,6 +5,8 @@ bytes is ~4x cheaper than floats), then one conversion to float in [0, 1], then 
 `device_train_pipeline` splits the same training pipelines in two for `gpu_augment=True`: a worker half that returns
 fixed-size uint8 tensors and a `BatchAugment` that does the rest per batch on the accelerator.
 
+MAE fine-tuning (`mae_finetune_train`) uses timm's RandAugment, as the MAE reference code does (`lit_papers.data.randaugment`).
+
 Pipelines take a `DatasetStats` (mean/std, optional eigen-decomposition and per-pixel mean image, in [0, 1] units,
 written by `python -m lit_papers.data.stats`); `None` means the ImageNet constants (CIFAR pipelines: the CIFAR-10 ones).
 """
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
+
+from lit_papers.data.randaugment import RandAugment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -207,9 +211,9 @@ def _chain(frame: list, crops: list, stats: DatasetStats, per_pixel_mean: bool, 
     return v2.Compose(ops)
 
 
-def _frame(resize: int) -> list:
+def _frame(resize: int, interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR) -> list:
     # Short side -> resize, then the centre resize x resize square: AlexNet's 256 x 256 training/test image.
-    return [v2.Resize(resize, antialias=True), v2.CenterCrop(resize)]
+    return [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(resize)]
 
 
 def alexnet_train(
@@ -223,11 +227,12 @@ def alexnet_train(
 
 
 def alexnet_eval(
-    *, crop_size: int = 224, resize: int = 256, stats: DatasetStats | None = None, per_pixel_mean: bool = False
+    *, crop_size: int = 224, resize: int = 256, stats: DatasetStats | None = None, per_pixel_mean: bool = False,
+    interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
 ) -> v2.Compose:
-    """AlexNet/ResNet single-crop evaluation: short side 256 -> centre 224 crop."""
+    """Single-crop evaluation: short side 256 -> centre 224 crop (AlexNet, ResNet; MAE with bicubic `interpolation`)."""
     stats = _stats(stats, DatasetStats.imagenet(), per_pixel_mean, False)
-    return _chain(_frame(resize), [v2.CenterCrop(crop_size)], stats, per_pixel_mean)
+    return _chain(_frame(resize, interpolation), [v2.CenterCrop(crop_size)], stats, per_pixel_mean)
 
 
 def ten_crop_eval(
@@ -286,6 +291,21 @@ def mae_train(*, crop_size: int = 224, min_scale: float = 0.2, stats: DatasetSta
     stats = _stats(stats, DatasetStats.imagenet(), False, False)
     rrc = v2.RandomResizedCrop(crop_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC)
     return _chain([rrc, v2.RandomHorizontalFlip()], [], stats, False)
+
+
+def mae_finetune_train(
+    *, crop_size: int = 224, min_scale: float = 0.08, stats: DatasetStats | None = None,
+    randaugment_magnitude: float = 9.0, erase_prob: float = 0.25,
+) -> v2.Compose:
+    """MAE fine-tuning (the reference's timm pipeline): RandomResizedCrop(224, scale=(0.08, 1), bicubic) + flip ->
+    RandAugment rand-m9-mstd0.5-inc1 -> normalise -> random erasing (p=0.25, per-pixel N(0, 1) values, after the
+    normalisation). `randaugment_magnitude=0` or `erase_prob=0` turns either off; mixup/cutmix run in the task."""
+    stats = _stats(stats, DatasetStats.imagenet(), False, False)
+    rrc = v2.RandomResizedCrop(crop_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC)
+    fill = tuple(round(255 * float(m)) for m in stats.mean)  # timm fills uncovered areas with the mean colour
+    augment = [RandAugment(magnitude=randaugment_magnitude, fill=fill)] if randaugment_magnitude > 0 else []
+    erase = [v2.RandomErasing(p=erase_prob, value="random", inplace=True)] if erase_prob > 0 else []
+    return v2.Compose([_chain([rrc, v2.RandomHorizontalFlip(), *augment], [], stats, False), *erase])
 
 
 def googlenet_train(*, crop_size: int = 224, min_scale: float = 0.08, stats: DatasetStats | None = None) -> v2.Compose:

@@ -1,10 +1,25 @@
-"""Helpers every task shares."""
+"""What every task shares: hyperparameter saving, and the policy for non-finite losses (`Task`)."""
 
 from __future__ import annotations
 
 import inspect
+import logging
+from typing import Any, Literal
 
 import lightning as L
+import torch
+
+from lit_papers.errors import UserInputError
+
+NonFiniteLoss = Literal["stop", "skip"]
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserInputError, FloatingPointError):
+    """A training loss was NaN or infinite and the policy is "stop"; the message names the step and the loss.
+
+    A `UserInputError`, so `lit-papers` prints the message alone and exits non-zero: the remedy is a config change.
+    """
 
 
 def built_by_cli() -> bool:
@@ -28,3 +43,76 @@ def save_task_hyperparameters(task: L.LightningModule, live_objects: list[str]) 
     # The CLI logs the whole resolved config once (`SaveAndLogConfig`); logging the task's part again would repeat it.
     cli = built_by_cli()
     task.save_hyperparameters(ignore=[] if cli else live_objects, frame=init_frame, logger=not cli)
+
+
+class Task(L.LightningModule):
+    """Base class of the tasks: checks every loss that is backpropagated and applies the `nonfinite_loss` policy
+    before each optimizer step, in automatic and manual optimization (the GAN's D and G steps) alike.
+
+    - "stop" raises `NonFiniteLossError` naming the global step and the loss, before the step touches the weights.
+    - "skip" drops the optimizer step: the gradients are discarded, so no parameter or optimizer state changes (no
+      momentum, no weight decay, no Adam step count), and buffers such as BatchNorm running statistics are put back as
+      they were before the batch. `train/skipped_steps` counts the skips; the count is kept in checkpoints. The global
+      step and step-wise LR schedules still advance, as with AMP's skipped steps.
+
+    With gradient accumulation, one non-finite micro-batch decides for the whole step. Under DDP/FSDP the ranks add up
+    their verdicts (one all-reduce of one number per step), so all of them stop or skip together and none waits for
+    the others in a collective. The check costs one device-to-host read per optimizer step, made after the backward
+    pass has been queued, where AMP's gradient scaler makes its own.
+
+    Args:
+        nonfinite_loss: "stop" (default) or "skip".
+    """
+
+    def __init__(self, nonfinite_loss: NonFiniteLoss = "stop") -> None:
+        super().__init__()
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        self.nonfinite_loss = nonfinite_loss
+        self.skipped_steps = 0
+        self._pending_losses: list[torch.Tensor] = []  # losses backpropagated since the last optimizer step
+        self._saved_buffers: list[torch.Tensor] | None = None  # "skip": buffers as they were before the batch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # "skip" puts buffers (BatchNorm statistics) back as they were before the first batch of the step.
+        if self.nonfinite_loss == "skip" and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            buffers = [b.detach() for b in self.buffers()]
+            if self._saved_buffers is None or len(self._saved_buffers) != len(buffers):
+                self._saved_buffers = [b.clone() for b in buffers]
+            elif buffers:
+                torch._foreach_copy_(self._saved_buffers, buffers)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._pending_losses.append(loss.detach().float())  # no sync here: the verdict is read before the step
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._pending_losses:
+            return
+        losses, self._pending_losses = torch.stack(self._pending_losses), []  # (micro-batches,)
+        bad = (~torch.isfinite(losses)).sum().float()
+        bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # how many micro-batch losses were bad on all ranks
+        if not bad.item():
+            if self.nonfinite_loss == "skip":
+                self.log("train/skipped_steps", float(self.skipped_steps))
+            return
+        local = losses[~torch.isfinite(losses)]
+        loss = f"loss {local[0].item()}" if len(local) else "a non-finite loss on another process"
+        where = f"global step {self.trainer.global_step} (epoch {self.current_epoch})"
+        if self.nonfinite_loss == "stop":
+            raise NonFiniteLossError(
+                f"{loss} at {where}: training stopped before this step changed the weights. Lower the learning rate, "
+                "clip gradients, check the data, or set `nonfinite_loss: skip` in the task's init_args to skip such steps."
+            )
+        optimizer.zero_grad(set_to_none=True)  # optimizers leave parameters without gradients untouched
+        if self._saved_buffers:
+            torch._foreach_copy_([b.detach() for b in self.buffers()], self._saved_buffers)
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self.trainer.is_global_zero:
+            log.warning("skipped the optimizer step at %s: %s (%d skipped so far)", where, loss, self.skipped_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)

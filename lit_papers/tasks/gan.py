@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from typing import Literal, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -28,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lit_papers.metrics.parzen import DEFAULT_SIGMAS, parzen_estimate, select_sigma
-from lit_papers.tasks.base import save_task_hyperparameters
+from lit_papers.tasks.base import NonFiniteLoss, Task, save_task_hyperparameters
 
 GeneratorLoss = Literal["non_saturating", "minimax"]
 
@@ -53,7 +52,7 @@ def generator_loss(fake_logits: torch.Tensor, loss: GeneratorLoss = "non_saturat
     raise ValueError(f"unknown generator loss {loss!r}; use 'non_saturating' or 'minimax'")
 
 
-class GAN(L.LightningModule):
+class GAN(Task):
     """A generator and a discriminator trained against each other (Algorithm 1).
 
     Logs `train/d_loss`, `train/g_loss`, `train/d_real` and `train/d_fake` (mean D output on real and generated
@@ -83,6 +82,8 @@ class GAN(L.LightningModule):
         parzen_sigmas: the bandwidth grid searched on the first `parzen_select_size` validation examples.
         parzen_select_size: validation examples that choose sigma; the rest are scored. Testing scores the whole test
             set with the sigma chosen at the last validation (the paper's protocol), or, without one, like validation.
+        nonfinite_loss: what a NaN or infinite training loss does: "stop" with an error naming the step, or "skip"
+            the optimizer step of the net whose loss it is (see `lit_papers.tasks.base.Task`).
     """
 
     def __init__(
@@ -104,8 +105,9 @@ class GAN(L.LightningModule):
         parzen_samples: int = 0,
         parzen_sigmas: Sequence[float] = DEFAULT_SIGMAS,
         parzen_select_size: int = 1000,
+        nonfinite_loss: NonFiniteLoss = "stop",
     ) -> None:
-        super().__init__()
+        super().__init__(nonfinite_loss)
         live = ["generator", "discriminator", "g_optimizer", "d_optimizer", "g_lr_scheduler", "d_lr_scheduler"]
         save_task_hyperparameters(self, live_objects=live)
         if k < 1:
@@ -224,6 +226,7 @@ class GAN(L.LightningModule):
         self.log("train/g_loss", g_loss.detach(), prog_bar=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)  # the non-finite loss policy, before clipping
         if self.gradient_clip_val:
             self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
 
@@ -239,8 +242,9 @@ class GAN(L.LightningModule):
 
     def configure_optimizers(self):
         configs = []
-        for net, make_optimizer, make_scheduler in zip(
-            (self.generator, self.discriminator), self.optimizer_factories, self.scheduler_factories
+        for name, net, make_optimizer, make_scheduler in zip(
+            ("generator", "discriminator"), (self.generator, self.discriminator), self.optimizer_factories,
+            self.scheduler_factories,
         ):
             optimizer = make_optimizer(net.parameters())
             config = {"optimizer": optimizer}
@@ -248,7 +252,9 @@ class GAN(L.LightningModule):
                 scheduler = make_scheduler(optimizer)
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     raise ValueError("ReduceLROnPlateau needs a monitored metric; the GAN losses are not one")
-                config["lr_scheduler"] = {"scheduler": scheduler, "interval": self.scheduler_interval}
+                # named, so LearningRateMonitor logs `lr-generator`/`lr-discriminator`, not `lr-Adam`/`lr-Adam-1`
+                interval = self.scheduler_interval
+                config["lr_scheduler"] = {"scheduler": scheduler, "interval": interval, "name": f"lr-{name}"}
             configs.append(config)
         return configs  # [G, D], the order of the constructor's arguments
 

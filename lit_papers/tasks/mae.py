@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import functools
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lit_papers.callbacks.images import log_images, min_max_scale
 from lit_papers.nets.mae import MaskedAutoencoderViT
 from lit_papers.optim import build_lr_scheduler, build_optimizer
-from lit_papers.tasks.base import save_task_hyperparameters
+from lit_papers.tasks.base import NonFiniteLoss, Task, save_task_hyperparameters
+from lit_papers.tasks.speed import FastPathsMixin
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 
@@ -32,7 +32,7 @@ def _images(batch: Batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch  # (B, C, H, W); labels, if any, are unused
 
 
-class MAEPretraining(L.LightningModule):
+class MAEPretraining(FastPathsMixin, Task):
     """Pre-train a masked autoencoder; logs `train/loss`, `val/loss` and reconstruction images.
 
     Args:
@@ -46,6 +46,10 @@ class MAEPretraining(L.LightningModule):
         mask_ratio: share of patches removed from each image.
         log_images_every_n_epochs: log reconstructions of the first validation images every N epochs (0: never).
         num_log_images: how many validation images to reconstruct.
+        channels_last: NHWC memory format for the patch embedding (its output is then already `(N, L, D)` in memory).
+        compile: `torch.compile` the net at the start of fitting; checkpoints keep the uncompiled parameter names.
+        nonfinite_loss: what a NaN or infinite training loss does: "stop" with an error naming the step, or "skip"
+            the optimizer step (see `lit_papers.tasks.base.Task`).
     """
 
     def __init__(
@@ -57,10 +61,14 @@ class MAEPretraining(L.LightningModule):
         mask_ratio: float = 0.75,
         log_images_every_n_epochs: int = 1,
         num_log_images: int = 8,
+        channels_last: bool = False,
+        compile: bool = False,
+        nonfinite_loss: NonFiniteLoss = "stop",
     ) -> None:
-        super().__init__()
+        super().__init__(nonfinite_loss)
         save_task_hyperparameters(self, live_objects=["net", "optimizer", "lr_scheduler"])
         self.net = net
+        self.set_fast_paths(channels_last, compile)
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, betas=(0.9, 0.95), weight_decay=0.05)
         self.scheduler_factory = lr_scheduler
         self.base_lr, self.mask_ratio = base_lr, mask_ratio

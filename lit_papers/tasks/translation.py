@@ -36,7 +36,7 @@ from torchmetrics.text import SacreBLEUScore
 
 from lit_papers.nets.transformer import DecoderState, Transformer
 from lit_papers.optim import build_lr_scheduler, build_optimizer
-from lit_papers.tasks.base import save_task_hyperparameters
+from lit_papers.tasks.base import NonFiniteLoss, Task, save_task_hyperparameters
 
 
 class InverseSqrtWarmupLR(LambdaLR):
@@ -171,7 +171,7 @@ def _write_markdown(root: Path, key: str, step: int, markdown: str) -> Path:
 # ---------------------------------------------------------------- the task
 
 
-class Translation(L.LightningModule):
+class Translation(Task):
     """Train an encoder-decoder on sentence pairs; logs `train/loss`, `val/loss`, `val/ppl`, `val/bleu`,
     `val/exact_match` (share of sentences translated exactly as the reference), the same under `test/`, and samples.
 
@@ -186,6 +186,8 @@ class Translation(L.LightningModule):
         max_len_offset: translations stop at source length + this many tokens (50).
         val_beam_size: beam width during validation: 1 (greedy) keeps the per-epoch BLEU cheap.
         num_samples: translations of a validation/test batch to log as a table each epoch (0: none).
+        nonfinite_loss: what a NaN or infinite training loss does: "stop" with an error naming the step, or "skip"
+            the optimizer step (see `lit_papers.tasks.base.Task`).
     """
 
     def __init__(
@@ -199,8 +201,9 @@ class Translation(L.LightningModule):
         max_len_offset: int = 50,
         val_beam_size: int = 1,
         num_samples: int = 8,
+        nonfinite_loss: NonFiniteLoss = "stop",
     ) -> None:
-        super().__init__()
+        super().__init__(nonfinite_loss)
         save_task_hyperparameters(self, live_objects=["net", "optimizer", "lr_scheduler"])
         self.net = net
         self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=(512 * 4000) ** -0.5,
