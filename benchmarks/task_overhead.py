@@ -199,12 +199,12 @@ def benchmark(name: str, batch: int, steps: int, warmup: int, repeats: int, devi
     floor = LossOnly(copy.deepcopy(net), optimizer=sgd)
     loader = make_loader(shape, batch, batches=max(8, (warmup + steps) // 3), device=device)  # ~3 epochs per run
     variants = {
-        "raw PyTorch loop": lambda clock: run_raw(raw_net, raw_optimizer, loader, clock),
-        "Lightning floor (loss-only module)": lambda clock: run_lightning(floor, loader, clock, False, root),
-        "ImageClassifier, bare Trainer": lambda clock: run_lightning(task, loader, clock, False, root),
+        "raw PyTorch loop": lambda timer: run_raw(raw_net, raw_optimizer, loader, timer),
+        "Lightning floor (loss-only module)": lambda timer: run_lightning(floor, loader, timer, False, root),
+        "ImageClassifier, bare Trainer": lambda timer: run_lightning(task, loader, timer, False, root),
     }
     if defaults:
-        variants["ImageClassifier, our callbacks + W&B"] = lambda clock: run_lightning(task, loader, clock, True, root)
+        variants["ImageClassifier, our callbacks + W&B"] = lambda timer: run_lightning(task, loader, timer, True, root)
     rates: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(repeats):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                         help="skip the line with our default callbacks and the W&B logger")
     args = parser.parse_args(argv)
 
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: the clock starts at the end of the last warm-up step")
     device = torch.device(args.device)
     if args.clock == "cpu" and device.type != "cpu":
         parser.error("--clock cpu times CPU work only; GPU runs need --clock wall")

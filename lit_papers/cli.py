@@ -17,7 +17,7 @@ import warnings
 from argparse import ArgumentError
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -71,6 +71,8 @@ class LitPapersCLI(LightningCLI):
         # A rich progress bar by default, unless the config chose its own bar or turned bars off.
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer_config.get("callbacks") or [])
+        if trainer_config.get("logger") is False:  # `--trainer.logger false`: LearningRateMonitor would refuse to run
+            kwargs["callbacks"] = callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         wants_bar = trainer_config.get("enable_progress_bar", True) is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = callbacks + [RichProgressBar()]

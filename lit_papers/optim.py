@@ -129,7 +129,7 @@ def build_optimizer(
     # Under FSDP each parameter is by now a flat 1-D view of this rank's shard, which the 1-D rule of `param_groups`
     # would take for a bias or norm scale (no weight decay anywhere): group the same parameters while FSDP shows them
     # whole, in their real shapes.
-    strategy = task.trainer.strategy
+    strategy = getattr(task.trainer, "strategy", None)
     whole = FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False) \
         if isinstance(strategy, FSDPStrategy) else nullcontext()
     with whole:

@@ -63,7 +63,8 @@ class Record(L.Callback):
     def on_train_start(self, trainer: L.Trainer, task: L.LightningModule) -> None:
         loader = trainer.train_dataloader
         indices = list(iter(loader.sampler))[: loader.batch_size]
-        self.result |= {"first_batch": indices, "sampler": type(loader.sampler).__name__}
+        # A draw from the global stream (the classifier run uses no randomness in training, so it changes nothing).
+        self.result |= {"first_batch": indices, "sampler": type(loader.sampler).__name__, "draw": torch.rand(4).tolist()}
 
     def on_validation_batch_end(self, trainer, task, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.result["val_samples"] += len(batch[0])

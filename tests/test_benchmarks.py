@@ -31,7 +31,7 @@ def test_raw_loop_and_trainer_run_the_same_number_of_steps(tmp_path):
 
 
 def test_task_overhead_main_prints_every_variant(capsys):
-    results = task_overhead.main(["--steps", "2", "--batch", "4", "--warmup", "1", "--repeats", "1"])
+    results = task_overhead.main(["--steps", "2", "--batch", "4", "--warmup", "1", "--repeats", "1", "--clock", "cpu"])
     assert set(results) == {"resnet20", "mlp"}
     for rates in results.values():
         assert len(rates) == 4  # raw, Lightning floor, bare Trainer, our callbacks + W&B

@@ -91,6 +91,12 @@ def test_shards_are_disjoint_seeded_and_together_make_the_global_batch(ddp, sing
     assert first[0] == single["first_batch"][0::2] and first[1] == single["first_batch"][1::2]
 
 
+def test_ranks_draw_different_random_numbers(ddp):
+    """MAE masks, dropout, MixUp and batch-side crops come from the global stream: each rank needs its own."""
+    draws = [r["draw"] for r in ddp["classifier"]]
+    assert draws[0] != draws[1]
+
+
 def test_validation_scores_every_sample_exactly_once(ddp, single):
     ranks = ddp["classifier"]
     n_val = 189  # odd: a padding DistributedSampler would score one sample twice
@@ -124,10 +130,11 @@ def test_mae_and_gan_match_one_process_within_noise(ddp_mae_gan):
     assert sum(r["val_samples"] for r in mae_ranks) == mae_single["val_samples"] == 189
     for r in mae_ranks:
         assert r["params"] == mae_ranks[0]["params"]
-        assert r["metrics"]["val/loss"] == pytest.approx(mae_single["metrics"]["val/loss"], rel=0.05)
+        assert r["metrics"]["val/loss"] == pytest.approx(mae_single["metrics"]["val/loss"], rel=0.03)  # 1.043 vs 1.036
     gan_ranks, gan_single = ddp_mae_gan["gan"], runs.gan(world_size=1)
     assert sum(r["val_samples"] for r in gan_ranks) == gan_single["val_samples"] == 189
     for r in gan_ranks:
         assert r["params"] == gan_ranks[0]["params"] and r["global_step"] == gan_single["global_step"] == 80
         for key in ("val/d_real", "val/d_fake"):
-            assert r["metrics"][key] == pytest.approx(gan_single["metrics"][key], abs=0.1)
+            # measured: d_real 0.85 vs 0.75, d_fake 0.24 vs 0.18 after 40 iterations from different noise
+            assert r["metrics"][key] == pytest.approx(gan_single["metrics"][key], abs=0.15)

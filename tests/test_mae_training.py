@@ -206,7 +206,7 @@ def test_digits_recipes_log_to_wandb_then_probe_from_the_checkpoint(tmp_path):
                 "--trainer.log_every_n_steps=1"])
     assert {"train/loss", "val/loss", "probe/acc1"} <= set(cli.trainer.callback_metrics)
     # What W&B recorded offline: metrics, and the reconstruction grid (8 images x 4 panels of 32 x 32, 2 px padding).
-    (run_dir,) = sorted((tmp_path / "runs/mae/wandb").glob("offline-run-*"))
+    (run_dir,) = sorted((tmp_path / "runs/mae/pretrain_digits/wandb").glob("offline-run-*"))
     _, _, history = run_contents(run_dir)
     assert {"train/loss", "val/loss", "probe/acc1", "trainer/global_step"} <= {key for row in history for key in row}
     assert any("image" in row.get("val/reconstructions/_type", "") for row in history)
@@ -226,7 +226,7 @@ def test_digits_recipes_log_to_wandb_then_probe_from_the_checkpoint(tmp_path):
     lars = probe.trainer.optimizers[0]
     assert isinstance(lars, LARS) and lars.defaults["momentum"] == 0.9, "not SGD's momentum 0 carried over by the CLI"
     assert math.isfinite(float(probe.trainer.callback_metrics["val/acc1"]))
-    probe_run = sorted((tmp_path / "runs/mae/wandb").glob("offline-run-*"))[-1]
+    (probe_run,) = sorted((tmp_path / "runs/mae/linprobe_digits/wandb").glob("offline-run-*"))
     assert "val/acc1" in {key for row in run_contents(probe_run)[2] for key in row}
     assert _wandb_run(probe_run).job_type == "linear_probe"
 

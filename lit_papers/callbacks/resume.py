@@ -65,7 +65,8 @@ class ResumeState(Callback):
 
     Restored while Lightning loads the checkpoint, before the first training batch; the sanity check in between runs
     under Lightning's `isolate_rng`, so it does not shift the streams. Under DDP the checkpoint holds rank 0's streams
-    and every rank restores them (`seed_everything` starts all ranks on the same streams too).
+    and every rank restores them, as `seed_everything` starts all ranks on the same streams; the tasks then derive
+    a distinct stream per rank from the shared one (`lit_papers.tasks.base.Task.on_fit_start`).
     """
 
     def state_dict(self) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from torch.utils.data import (
     Sampler,
 )
 
+from lit_papers.callbacks.images import local_log_dir
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the defaults of `lit_papers.nets.transformer.Transformer`
 PAD_ID, BOS_ID, EOS_ID = range(3)
 
@@ -340,7 +342,7 @@ class ParallelTextDataModule(Seq2SeqDataModule):
     def _save_tokenizer(self) -> None:
         trainer = self.trainer
         if trainer is not None and trainer.is_global_zero:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            folder = local_log_dir(trainer)  # `trainer.log_dir` broadcasts: rank 0 alone would hang under DDP
             folder.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(str(folder / "tokenizer.json"))
 

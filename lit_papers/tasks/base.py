@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 
 from lit_papers.errors import UserInputError
@@ -72,6 +74,18 @@ class Task(L.LightningModule):
         self.skipped_steps = 0
         self._pending_losses: list[torch.Tensor] = []  # losses backpropagated since the last optimizer step
         self._saved_buffers: list[torch.Tensor] | None = None  # "skip": buffers as they were before the batch
+
+    def on_fit_start(self) -> None:
+        # `seed_everything` (and a resumed checkpoint, which holds rank 0's streams) starts every rank on the same
+        # random streams, so every rank would draw the same MAE masks, dropout masks, MixUp pairs and batch-side crops.
+        # Derive each rank's streams from the shared one and the rank: reproducible, and one process is left untouched
+        # (exact resume).
+        if self.trainer.world_size > 1:
+            shared = int(torch.randint(2**62, ()))  # the same draw on every rank
+            seed = (shared + 0x9E3779B97F4A7C15 * (self.trainer.global_rank + 1)) % 2**63
+            torch.manual_seed(seed)  # CPU and every CUDA device
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # "skip" puts buffers (BatchNorm statistics) back as they were before the first batch of the step.

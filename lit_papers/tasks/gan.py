@@ -127,14 +127,13 @@ class GAN(Task):
         fixed = self.noise(num_fixed_samples, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
         self.register_buffer("fixed_noise", fixed, persistent=False)
         self.register_buffer("parzen_sigma", torch.tensor(0.0))  # chosen at validation, used at test; 0 = not yet
-        self._noise_generator: torch.Generator | None = None
         self._parzen_data: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------------------------------------- sampling
 
     def noise(self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None):
-        """`n` draws of z ~ p_z, `(n, latent_dim)`."""
-        generator = generator if generator is not None else self._noise_generator
+        """`n` draws of z ~ p_z, `(n, latent_dim)`; by default from the global stream, which is each rank's own under
+        DDP (`Task.on_fit_start`), so a step sees world_size x m distinct fakes."""
         device = device if device is not None else self.device
         shape = (n, self.latent_dim)
         if self.latent_distribution == "normal":
@@ -177,16 +176,6 @@ class GAN(Task):
         kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
         if isinstance(self.trainer.strategy, DDPStrategy) and isinstance(kwargs, dict):
             kwargs["find_unused_parameters"] = True
-
-    def on_fit_start(self) -> None:
-        if self.trainer.world_size > 1:
-            # seed_everything gives every process the same RNG stream: without a per-rank generator all ranks would
-            # draw the same z, and a step would see m distinct fakes instead of world_size * m.
-            seed = (torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63
-            self._noise_generator = torch.Generator(self.device).manual_seed(seed)
-
-    def on_fit_end(self) -> None:
-        self._noise_generator = None
 
     def training_step(self, batch, batch_idx: int) -> None:
         g_opt, d_opt = self.optimizers()
