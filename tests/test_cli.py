@@ -67,3 +67,25 @@ def test_console_script_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "--model" in result.stdout and "--data" in result.stdout
+
+
+def test_choosing_another_optimizer_gets_its_own_defaults(tmp_path):
+    """A class default for a task's optimizer would make jsonargparse carry its values (SGD's `weight_decay: 0`) into
+    the optimizer a config picks by `class_path`: AdamW must keep its own `weight_decay` of 0.01."""
+    adamw = "{class_path: torch.optim.AdamW, init_args: {lr: 0.001}}"
+    config = tmp_path / "adamw.yaml"
+    config.write_text(f"""
+model:
+  class_path: lit_papers.tasks.classification.ImageClassifier
+  init_args:
+    net: {{class_path: lit_papers.nets.resnet.CifarResNet, init_args: {{depth: 8, num_classes: 10}}}}
+    optimizer: {adamw}
+data: {{class_path: lit_papers.data.digits.DigitsDataModule}}
+""")
+    gan = REPO_ROOT / "configs/gan/toy1d.yaml"  # its optimizers are Adam; switching D's to AdamW on the command line
+    classifier = main(["--config", str(config)], run=False).model.optimizer_factory
+    discriminator = main(["--config", str(gan), f"--model.init_args.d_optimizer={adamw}"], run=False).model
+    for factory in (classifier, discriminator.optimizer_factories[1]):
+        optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
+        assert isinstance(optimizer, torch.optim.AdamW)
+        assert optimizer.defaults["weight_decay"] == 0.01 and optimizer.defaults["lr"] == 0.001

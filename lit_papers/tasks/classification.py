@@ -33,7 +33,9 @@ class ImageClassifier(FastPathsMixin, Task):
 
     Args:
         net: the architecture; must map `(B, C, H, W)` images to `(B, num_classes)` logits and expose `num_classes`.
-        optimizer: builds the optimizer from the parameters, e.g. `torch.optim.SGD` with its `init_args` in the config.
+        optimizer: builds the optimizer from the parameters, e.g. `torch.optim.SGD` with its `init_args` in the config;
+            `None` is SGD with torch's defaults. (A class default here would make the CLI carry its argument values,
+            e.g. SGD's `weight_decay: 0`, into another optimizer chosen by `class_path`, such as AdamW or LARS.)
         lr_scheduler: builds an LR scheduler from the optimizer; `None` keeps the learning rate constant.
         scheduler_interval: step the scheduler every "epoch" or every optimizer "step" (iteration-based recipes).
         monitor: the metric a `ReduceLROnPlateau` scheduler watches (AlexNet's "divide by 10 when validation error
@@ -58,7 +60,7 @@ class ImageClassifier(FastPathsMixin, Task):
     def __init__(
         self,
         net: nn.Module,
-        optimizer: OptimizerCallable = torch.optim.SGD,
+        optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         monitor: str = "val/loss",
@@ -79,7 +81,7 @@ class ImageClassifier(FastPathsMixin, Task):
             raise TypeError(f"{type(net).__name__} has no `num_classes` attribute; the classifier task needs it for metrics.")
         self.net = net
         self.set_fast_paths(channels_last, compile)
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = optimizer or torch.optim.SGD
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
         self.monitor = monitor

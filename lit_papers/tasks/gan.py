@@ -63,8 +63,8 @@ class GAN(Task):
     Args:
         generator: maps `(B, latent_dim)` noise to samples (e.g. from `lit_papers.nets.gan`).
         discriminator: maps samples to `(B,)` or `(B, 1)` logits: no sigmoid, the losses apply it.
-        g_optimizer: builds G's optimizer from G's parameters.
-        d_optimizer: builds D's optimizer from D's parameters.
+        g_optimizer: builds G's optimizer from G's parameters (`None`: Adam with torch's defaults).
+        d_optimizer: builds D's optimizer from D's parameters (`None`: Adam with torch's defaults).
         g_lr_scheduler: builds G's LR scheduler from G's optimizer (`None`: constant).
         d_lr_scheduler: builds D's LR scheduler from D's optimizer (`None`: constant).
         scheduler_interval: step schedulers every "epoch" or after every step of their own optimizer ("step").
@@ -90,8 +90,8 @@ class GAN(Task):
         self,
         generator: nn.Module,
         discriminator: nn.Module,
-        g_optimizer: OptimizerCallable = torch.optim.Adam,
-        d_optimizer: OptimizerCallable = torch.optim.Adam,
+        g_optimizer: OptimizerCallable | None = None,
+        d_optimizer: OptimizerCallable | None = None,
         g_lr_scheduler: LRSchedulerCallable | None = None,
         d_lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -115,7 +115,7 @@ class GAN(Task):
         generator_loss(torch.zeros(1), loss)  # fail at construction on an unknown loss, not after the first D step
         self.automatic_optimization = False  # two optimizers stepped in a fixed order: Lightning 2.x needs manual mode
         self.generator, self.discriminator = generator, discriminator
-        self.optimizer_factories = (g_optimizer, d_optimizer)
+        self.optimizer_factories = (g_optimizer or torch.optim.Adam, d_optimizer or torch.optim.Adam)
         self.scheduler_factories = (g_lr_scheduler, d_lr_scheduler)
         self.scheduler_interval = scheduler_interval
         self.k, self.loss, self.latent_distribution = k, loss, latent_distribution
