@@ -161,9 +161,8 @@ class CIFAR10DataModule(DeviceAugmentMixin, ImageDataModule):
         images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32)  # rows are R (1024), G, B planes
         return images, torch.tensor(labels, dtype=torch.int64)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def transforms(self) -> tuple:
+        """The training and evaluation transforms (subclasses with another pipeline override this alone)."""
         ppm = dict(stats=self.stats, per_pixel_mean=self.per_pixel_mean)
         if self.on_device:  # the batch half is the whole pipeline: the data are already uint8 32x32 on the device
             _, train_tf = device_train_pipeline("cifar", crop_size=32, padding=4, **ppm)
@@ -171,7 +170,12 @@ class CIFAR10DataModule(DeviceAugmentMixin, ImageDataModule):
             train_tf, self.train_batch_augment = device_train_pipeline("cifar", crop_size=32, padding=4, **ppm)
         else:
             train_tf = cifar_train(**ppm)
-        eval_tf = cifar_eval(**ppm)
+        return train_tf, cifar_eval(**ppm)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_tf, eval_tf = self.transforms()
         images, labels = self._read("train")
         test_images, test_labels = self._read("test")
         self.test_set = InMemoryDataset(test_images, test_labels, eval_tf)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
-from lit_papers.data.cifar import CIFAR10DataModule, InMemoryDataset, stratified_split
+from lit_papers.data.cifar import CIFAR10DataModule
 
 
 class CIFAR10GANDataModule(CIFAR10DataModule):
@@ -46,18 +46,6 @@ class CIFAR10GANDataModule(CIFAR10DataModule):
         super().__init__(root, batch_size, num_workers, pin_memory, persistent_workers, seed, download, val_size)
         self.flip = flip
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def transforms(self) -> tuple[v2.Compose, v2.Compose]:
         to_range = [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]  # uint8 -> [-1, 1]
-        eval_tf = v2.Compose(to_range)
-        train_tf = v2.Compose(([v2.RandomHorizontalFlip()] if self.flip else []) + to_range)
-        images, labels = self._read("train")
-        self.test_set = InMemoryDataset(*self._read("test"), eval_tf)
-        if self.val_size > 0:
-            train_idx, val_idx = stratified_split(labels, self.val_size)
-            self.train_set = InMemoryDataset(images[train_idx], labels[train_idx], train_tf)
-            self.val_set = InMemoryDataset(images[val_idx], labels[val_idx], eval_tf)
-        else:
-            self.train_set = InMemoryDataset(images, labels, train_tf)
-            self.val_set = self.test_set
+        return v2.Compose(([v2.RandomHorizontalFlip()] if self.flip else []) + to_range), v2.Compose(to_range)
