@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
@@ -102,6 +102,9 @@ class ImageClassifier(FastPathsMixin, Task):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # Evaluation losses as torchmetrics means weighted by batch size: summed over DDP ranks exactly, where
+        # `self.log(..., sync_dist=True)` overstates the mean when the ranks' shards differ in size (Lightning #21838).
+        self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -137,7 +140,8 @@ class ImageClassifier(FastPathsMixin, Task):
             log_probs = self.net(images).float().log_softmax(-1)  # (B, num_classes)
         loss = F.nll_loss(log_probs, targets)
         metrics.update(log_probs, targets)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.eval_losses[stage].update(loss, weight=len(targets))
+        self.log(f"{stage}/loss", self.eval_losses[stage], prog_bar=stage == "val")
         self.log_dict(metrics, prog_bar=stage == "val")
         return log_probs
 
