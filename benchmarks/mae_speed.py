@@ -22,7 +22,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lit_papers.nets.mae import MaskedAutoencoderViT, mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_tiny_patch4_32
+from lit_papers.nets.mae import (
+    MaskedAutoencoderViT,
+    mae_vit_base_patch16,
+    mae_vit_large_patch16,
+    mae_vit_tiny_patch4_32,
+)
 
 
 def loss_with_mask_tokens_in_encoder(model: MaskedAutoencoderViT, enc_mask_token: nn.Parameter, imgs: torch.Tensor,

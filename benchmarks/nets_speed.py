@@ -25,11 +25,11 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from mae_speed import time_interleaved
 from torch import nn
 
 from lit_papers.nets.resnet import resnet50
 from lit_papers.nets.vit import vit_base_patch16
-from mae_speed import time_interleaved
 
 
 def vit_b16() -> nn.Module:

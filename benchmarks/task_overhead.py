@@ -48,7 +48,11 @@ from typing import Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -57,7 +61,6 @@ from lit_papers.callbacks.throughput import Throughput
 from lit_papers.loggers import WandbLogger, WandbRunId
 from lit_papers.nets.resnet import CifarResNet
 from lit_papers.tasks.classification import ImageClassifier
-
 
 os.environ.setdefault("WANDB_SILENT", "true")  # no W&B banners between the timings
 

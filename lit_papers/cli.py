@@ -17,14 +17,22 @@ import warnings
 from argparse import ArgumentError
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from lit_papers.callbacks.resume import Preemption, ResumeState
 from lit_papers.callbacks.summary import RunSummary
+from lit_papers.checkpointing import (
+    AtomicCheckpointIO,
+    find_last_checkpoint,
+    peek_checkpoint,
+)
 from lit_papers.errors import UserInputError, find_user_error, tidy_error
-from lit_papers.checkpointing import AtomicCheckpointIO, find_last_checkpoint, peek_checkpoint
 from lit_papers.loggers import WandbLogger, WandbRunId, run_id_from_checkpoint
 
 # `main(args)` ignores sys.argv on purpose (notebooks, pytest), so Lightning's warning about both being present is noise.

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from lit_papers.cli import main
 from lit_papers.nets.resnet import CifarResNet
 from lit_papers.tasks.classification import ImageClassifier
-from conftest import REPO_ROOT
 
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
 TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false"]

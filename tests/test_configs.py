@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from lit_papers.cli import main
 from conftest import CONFIGS, REPO_ROOT
 from fakedata import write_cifar_pickles, write_idx, write_imagenet_folder
+
+from lit_papers.cli import main
 
 
 def _ids(paths):

@@ -11,15 +11,25 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fakedata import (
+    CLASSES,
+    add_bad_files,
+    write_cifar_pickles,
+    write_idx,
+    write_imagenet_folder,
+)
 from PIL import Image
 
 from lit_papers.data import transforms as T
 from lit_papers.data.cifar import CIFAR10DataModule, CIFAR100DataModule
-from lit_papers.data.imagenet import BadImageError, ImageFolderDataset, ImageNetDataModule, load_rgb
+from lit_papers.data.imagenet import (
+    BadImageError,
+    ImageFolderDataset,
+    ImageNetDataModule,
+    load_rgb,
+)
 from lit_papers.data.mnist import FashionMNISTDataModule, MNISTDataModule, read_idx
 from lit_papers.data.stats import main as stats_main
-
-from fakedata import CLASSES, add_bad_files, write_cifar_pickles, write_idx, write_imagenet_folder
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import pytest
+from conftest import REPO_ROOT
 
 from lit_papers.cli import console_main, main
-from conftest import REPO_ROOT
 
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
 TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",

@@ -12,6 +12,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from conftest import REPO_ROOT
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -20,7 +21,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from lit_papers.callbacks.momentum import MomentumRamp
 from lit_papers.cli import main
 from lit_papers.data.toy import Gaussian1dDataModule
-from lit_papers.metrics.parzen import parzen_estimate, parzen_log_likelihood, select_sigma
+from lit_papers.metrics.parzen import (
+    parzen_estimate,
+    parzen_log_likelihood,
+    select_sigma,
+)
 from lit_papers.nets.gan import (
     DCGANDiscriminator,
     DCGANGenerator,
@@ -30,7 +35,6 @@ from lit_papers.nets.gan import (
     MLPGenerator,
 )
 from lit_papers.tasks.gan import GAN, discriminator_loss, generator_loss
-from conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs" / "gan"
 

@@ -10,10 +10,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from conftest import REPO_ROOT
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from wandb_records import read_records, run_contents
 
 from lit_papers.callbacks.finetuning import FreezeBackbone
 from lit_papers.callbacks.images import log_images
@@ -21,12 +23,21 @@ from lit_papers.callbacks.linear_probe import OnlineLinearProbe
 from lit_papers.cli import main
 from lit_papers.nets.linear_probe import LinearProbeNet
 from lit_papers.nets.mae import MaskedAutoencoderViT
-from lit_papers.nets.vit import VisionTransformer, encoder_state_dict, vit_from_mae_checkpoint
-from lit_papers.optim import LARS, WarmupCosineLR, build_optimizer, effective_batch_size, param_groups, vit_layer_id
+from lit_papers.nets.vit import (
+    VisionTransformer,
+    encoder_state_dict,
+    vit_from_mae_checkpoint,
+)
+from lit_papers.optim import (
+    LARS,
+    WarmupCosineLR,
+    build_optimizer,
+    effective_batch_size,
+    param_groups,
+    vit_layer_id,
+)
 from lit_papers.tasks.classification import ImageClassifier
 from lit_papers.tasks.mae import MAEPretraining
-from conftest import REPO_ROOT
-from wandb_records import read_records, run_contents
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 MAE = dict(VIT, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=3)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.plugins.precision import DoublePrecision
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-
 from conftest import REPO_ROOT
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.precision import DoublePrecision
+
 from lit_papers.checkpointing import AtomicCheckpointIO, find_last_checkpoint
 from lit_papers.cli import main
 

@@ -16,11 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from torch import nn
-
 from conftest import CONFIGS, REPO_ROOT
 from fakedata import write_cifar_pickles, write_idx
-from lit_papers.callbacks.throughput import Throughput, compute_dtype, forward_macs, peak_flops
+from torch import nn
+
+from lit_papers.callbacks.throughput import (
+    Throughput,
+    compute_dtype,
+    forward_macs,
+    peak_flops,
+)
 from lit_papers.data.cifar import CIFAR10DataModule
 from lit_papers.data.digits import DigitsDataModule
 from lit_papers.data.mnist import MNISTDataModule

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO_ROOT
 from lightning.fabric.loggers.logger import _DummyExperiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from wandb_records import read_records, run_contents
 
 from lit_papers.callbacks.images import logging_step
 from lit_papers.cli import main
 from lit_papers.loggers import WandbLogger, WandbRunId
-from conftest import REPO_ROOT
-from wandb_records import read_records, run_contents
 
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
 GAN_CONFIGS = REPO_ROOT / "configs" / "gan"

@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from lit_papers.errors import UserInputError
 from lit_papers.data.base import ImageDataModule
 from lit_papers.data.transforms import (
     DatasetStats,
@@ -40,6 +39,7 @@ from lit_papers.data.transforms import (
     ten_crop_eval,
     vgg_train,
 )
+from lit_papers.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

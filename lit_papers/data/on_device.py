@@ -13,8 +13,8 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor, nn
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 

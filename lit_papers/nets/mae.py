@@ -25,7 +25,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lit_papers.nets.vit import Block, VisionTransformer, init_vit_weights, layer_norm, sincos_pos_embed
+from lit_papers.nets.vit import (
+    Block,
+    VisionTransformer,
+    init_vit_weights,
+    layer_norm,
+    sincos_pos_embed,
+)
 
 
 class MaskedAutoencoderViT(VisionTransformer):

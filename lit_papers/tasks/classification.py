@@ -8,7 +8,6 @@ callables injected from the config, so a new recipe is a YAML file, not new code
 from __future__ import annotations
 
 import math
-
 from typing import Literal
 
 import torch
