@@ -12,6 +12,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from _gan_ddp_run import Recorder  # keeps each input batch: which real batch and noise each step used
 from conftest import REPO_ROOT
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
@@ -37,18 +38,6 @@ from lit_papers.nets.gan import (
 from lit_papers.tasks.gan import GAN, discriminator_loss, generator_loss
 
 CONFIGS = REPO_ROOT / "configs" / "gan"
-
-
-class Recorder(nn.Module):
-    """Runs `net` and keeps a copy of every input batch (which real batch and which noise each step used)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net, self.inputs = net, []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().clone())
-        return self.net(x)
 
 
 def tiny_gan(k: int = 1, optimizer=functools.partial(torch.optim.Adam, lr=1e-3), **kwargs) -> GAN:
