@@ -12,7 +12,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from _gan_ddp_run import Recorder  # keeps each input batch: which real batch and noise each step used
+from _gan_ddp_run import Recorder
 from conftest import REPO_ROOT
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
