@@ -4,7 +4,8 @@
 #   2. MAE ViT-B/16 pre-training (mask 0.75), compiled, fused AdamW, synthetic data on the GPU;
 #   3. AlexNet with GPU-side augmentation: JPEG folders decoded by loader workers, crop/flip/lighting on the GPU;
 #   4. a CIFAR-10 ResNet-20 epoch with the whole (synthetic, official-format) dataset on the GPU;
-#   5. with 2 GPUs, a 2-process DDP smoke run of the quickstart config (dataset on the GPUs).
+#   5. the task-overhead and nets benchmarks on the GPU (ratios to a raw PyTorch loop, torchvision and timm);
+#   6. with 2 GPUs, a 2-process DDP smoke run of the quickstart config (dataset on the GPUs).
 # All in bf16-mixed. Each figure is the second of two epochs, so compilation and cudnn autotuning are left out. MFU
 # counts the forward multiply-adds with torch's FLOP counter and uses the GPU's dense bf16 peak.
 #   bash benchmarks/gpu_check.sh
@@ -27,7 +28,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 status=0
-timeout 420 python - "$WORK" <<'PY' || status=$?  # the time limits keep the whole check under 8 minutes
+timeout 300 python - "$WORK" <<'PY' || status=$?  # the time limits keep the whole check under 8 minutes
 import functools
 import logging
 import os
@@ -57,6 +58,7 @@ WORK = Path(sys.argv[1])
 DEVICE = torch.device("cpu" if DRY else "cuda")
 COMPILE = not DRY  # inductor on CPU takes minutes; the dry run checks the script, not the compiler
 torch.set_float32_matmul_precision("high")
+torch.manual_seed(0)  # the same synthetic data and weights every time (the tiny dry-run ResNet-50 can diverge on others)
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # only the figures below
 COMPILED = " compiled" if COMPILE else ""
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
@@ -166,7 +168,21 @@ measure(f"CIFAR-10 ResNet-20{COMPILED} epoch, data on GPU, batch {batch}", task,
 sys.exit(1 if FAILED else 0)
 PY
 
-# 5. Two GPUs: the quickstart through the CLI under DDP, dataset on the GPUs.
+# 5. What the framework costs on the GPU: our task under the Trainer against a raw PyTorch loop (CIFAR ResNet-20 and
+#    a tiny MLP), and our ResNet-50 and ViT-B/16 against torchvision's and timm's in bf16 + NHWC (benchmarks/README.md).
+if [[ $DRY == 1 ]]; then
+  common=(--device cpu --repeats 1 --warmup 1); overhead=(--steps 2); nets=(--net resnet50 --batch 1)
+else
+  common=(--device cuda --repeats 3); overhead=(); nets=(--batch 128 --bf16 --channels-last)
+fi
+timeout 80 python benchmarks/task_overhead.py "${common[@]}" "${overhead[@]}" --no-defaults || status=1
+if python -c "import timm" 2>/dev/null; then
+  timeout 80 python benchmarks/nets_speed.py "${common[@]}" "${nets[@]}" || status=1
+else
+  echo "nets_speed.py skipped: timm is not installed (pip install -e '.[dev]')"
+fi
+
+# 6. Two GPUs: the quickstart through the CLI under DDP, dataset on the GPUs.
 if [[ $DRY != 1 ]] && (( $(nvidia-smi -L | wc -l) >= 2 )); then
   echo "DDP smoke run, 2 GPUs (quickstart config, 2 epochs, dataset on the GPUs):"
   if timeout 180 python -m lit_papers.cli fit --config configs/quickstart.yaml --trainer.devices 2 \

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_configs as tiny
 import torch
 from conftest import REPO_ROOT
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -21,35 +22,6 @@ from lit_papers.cli import main
 
 TESTS = Path(__file__).resolve().parent
 
-# 3 epochs of 4 steps; the signal comes at step 6, in the middle of the second epoch.
-CONFIG = """
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_epochs: 3
-  limit_train_batches: 4
-  limit_val_batches: 2
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: runs/tiny
-  callbacks:
-    - class_path: lit_papers.checkpointing.ModelCheckpoint
-      init_args: {save_last: true, monitor: val/acc1, mode: max, save_top_k: 1, filename: "best-{epoch}"}
-CALLBACK
-model:
-  class_path: lit_papers.tasks.classification.ImageClassifier
-  init_args:
-    net:
-      class_path: lit_papers.nets.resnet.CifarResNet
-      init_args: {depth: 8, num_classes: 10}
-data:
-  class_path: lit_papers.data.digits.DigitsDataModule
-  init_args: {image_size: 16, batch_size: 16}
-"""
-
-
 @pytest.fixture
 def helpers_importable(monkeypatch):
     """The config names `_signal_at_step.SignalAtStep`, which lives next to the tests."""
@@ -57,16 +29,18 @@ def helpers_importable(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
 
 
-SIGNAL_AT_STEP_6 = """
-    - class_path: _signal_at_step.SignalAtStep
-      init_args: {marker: marker.txt, step: 6, signum: SIGNUM}"""
-
-
 def write_config(path: Path, signum: int | None) -> Path:
-    """The tiny config; with a `signum`, a signal comes at step 6 (0: the test sends it from outside)."""
-    callback = "" if signum is None else SIGNAL_AT_STEP_6.replace("SIGNUM", str(int(signum)))
-    path.write_text(CONFIG.replace("CALLBACK", callback))
-    return path
+    """The tiny classifier run (3 epochs of 4 steps) keeping its best epoch by val/acc1 and `last.ckpt`; with a
+    `signum`, a signal comes at step 6, in the middle of the second epoch (0: the test sends it from outside)."""
+    config = tiny.config()
+    trainer = config["trainer"]
+    trainer["default_root_dir"] = "runs/tiny"
+    checkpoint = trainer["callbacks"][0]["init_args"]
+    checkpoint |= {"monitor": "val/acc1", "mode": "max", "save_top_k": 1, "filename": "best-{epoch}"}
+    if signum is not None:
+        trainer["callbacks"].append({"class_path": "_signal_at_step.SignalAtStep",
+                                     "init_args": {"marker": "marker.txt", "step": 6, "signum": int(signum)}})
+    return tiny.write(config, path)
 
 
 def signal_callback(cli):

@@ -10,50 +10,15 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import tiny_configs as tiny
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lit_papers.callbacks.resume import ResumeState
 from lit_papers.cli import main
 
-TRAINER = """
-seed_everything: 3
-trainer:
-  accelerator: cpu
-  devices: 1
-  deterministic: true
-  max_epochs: 3
-  limit_train_batches: 4
-  limit_val_batches: 2
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args:
-        save_last: true
-"""
-
-CLASSIFIER = TRAINER + """
-model:
-  class_path: lit_papers.tasks.classification.ImageClassifier
-  init_args:
-    net:
-      class_path: lit_papers.nets.resnet.CifarResNet
-      init_args: {depth: 8, num_classes: 10}
-    optimizer:
-      class_path: torch.optim.SGD
-      init_args: {lr: 0.05, momentum: 0.9, weight_decay: 0.0001}
-    lr_scheduler:
-      class_path: torch.optim.lr_scheduler.StepLR
-      init_args: {step_size: 1, gamma: 0.5}
-    mixup_alpha: 0.4
-data:
-  class_path: lit_papers.data.digits.DigitsDataModule
-  init_args: {image_size: 16, augment: true, batch_size: 16, num_workers: 0}
-"""
-
-GAN = TRAINER + """
+# The GAN draws noise and dropout in training.
+GAN = """
 model:
   class_path: lit_papers.tasks.gan.GAN
   init_args:
@@ -126,8 +91,7 @@ def count_tensors(state) -> int:
 @pytest.mark.parametrize("resume_from", ["last", "path"])
 @pytest.mark.parametrize("task", ["classifier", "gan"])
 def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path, task, resume_from):
-    config = tmp_path / f"{task}.yaml"
-    config.write_text(CLASSIFIER if task == "classifier" else GAN)
+    config = tiny.write(tiny.config(tiny.CLASSIFIER if task == "classifier" else GAN), tmp_path / f"{task}.yaml")
     expected = training_state(fit(config, "whole"))
     assert expected["epoch"] == 3 and expected["global_step"] == (12 if task == "classifier" else 24)
 
@@ -147,8 +111,7 @@ def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path, task, resume_fr
 
 def test_resume_without_saved_random_streams_diverges(tmp_path):
     """The check above can fail: without the RNG states in the checkpoint the resumed run draws other crops/MixUp."""
-    config = tmp_path / "classifier.yaml"
-    config.write_text(CLASSIFIER)
+    config = tiny.write(tiny.config(), tmp_path / "classifier.yaml")
     expected = training_state(fit(config, "whole", "--trainer.max_epochs=2"))
     first = fit(config, "parts", "--trainer.max_epochs=1")
     ckpt = first.trainer.checkpoint_callback.last_model_path
@@ -162,8 +125,7 @@ def test_resume_without_saved_random_streams_diverges(tmp_path):
 
 
 def test_checkpoint_holds_the_loader_streams_and_loads_weights_only(tmp_path):
-    config = tmp_path / "classifier.yaml"
-    config.write_text(CLASSIFIER)
+    config = tiny.write(tiny.config(), tmp_path / "classifier.yaml")
     cli = fit(config, "run", "--trainer.max_epochs=1")
     checkpoint = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)
     streams = checkpoint["DigitsDataModule"]

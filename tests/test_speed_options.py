@@ -393,7 +393,7 @@ def test_gpu_check_stops_with_a_message_without_a_gpu(tmp_path):
     assert run.returncode == 0 and "no NVIDIA GPU found" in run.stdout
 
 
-@pytest.mark.slow  # ~1 min on 2 cores: four tiny two-epoch fits
+@pytest.mark.slow  # ~2 min on 2 cores: four tiny two-epoch fits and two benchmarks
 def test_gpu_check_dry_run_prints_every_figure(tmp_path):
     env = os.environ | {"GPU_CHECK_DRY_RUN": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
@@ -401,3 +401,5 @@ def test_gpu_check_dry_run_prints_every_figure(tmp_path):
     lines = [line for line in run.stdout.splitlines() if "images/s" in line]
     assert [line.split()[0] for line in lines] == ["ResNet-50", "MAE", "AlexNet", "CIFAR-10"]
     assert "FAILED" not in run.stdout
+    # the task-overhead benchmark for both nets and the nets benchmark ran too
+    assert run.stdout.count("ImageClassifier, bare Trainer") == 2 and "ratio ours / reference" in run.stdout

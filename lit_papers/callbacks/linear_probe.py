@@ -28,7 +28,8 @@ class OnlineLinearProbe(L.Callback):
         num_classes: classes of the labelled batches `(images, labels)`.
         lr: AdamW learning rate of the probe (no weight decay).
 
-    Under DDP every process trains its own copy of the probe on its shard; `probe/acc1` is averaged over processes.
+    Under DDP every process trains its own copy of the probe on its shard; `probe/acc1` and `probe/loss` count every
+    process's validation images once, each scored by its own process's probe.
     """
 
     def __init__(self, num_classes: int, lr: float = 1e-3) -> None:
@@ -36,6 +37,7 @@ class OnlineLinearProbe(L.Callback):
         self.head: torch.nn.Sequential | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict | None = None
+        self._val_sums: torch.Tensor | None = None  # this process's validation loss sum, hits and images
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.head = probe_head(pl_module.net.num_features, self.num_classes).to(pl_module.device)
@@ -73,9 +75,22 @@ class OnlineLinearProbe(L.Callback):
         with torch.no_grad():
             features = F.batch_norm(self._features(trainer, pl_module, images), None, None, training=True, eps=norm.eps)
             logits = linear(features)  # (B, num_classes)
-        log = dict(on_step=False, on_epoch=True, sync_dist=True, batch_size=len(labels))
-        pl_module.log("probe/loss", F.cross_entropy(logits, labels), **log)
-        pl_module.log("probe/acc1", (logits.argmax(-1) == labels).float().mean(), prog_bar=True, **log)
+        sums = torch.stack([F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(-1) == labels).sum(),
+                            logits.new_tensor(len(labels))])  # loss sum, hits, images
+        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.head is None:
+            return
+        if self._val_sums is None:  # no validation batch on this process (all must join the reduction)
+            self._val_sums = torch.zeros(3, device=pl_module.device)
+        # Sums over all processes' images, so ranks whose shards differ in size weigh by their images (a mean of the
+        # ranks' means would not; Lightning #21838). The reduced values are the same on every rank; `sync_dist`
+        # averages those equal values, and keeps Lightning from warning that epoch values are not synchronised.
+        loss_sum, hits, seen = trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        self._val_sums = None
+        pl_module.log("probe/loss", loss_sum / seen, sync_dist=True)
+        pl_module.log("probe/acc1", hits / seen, prog_bar=True, sync_dist=True)
 
     def state_dict(self) -> dict:
         if self.head is None:

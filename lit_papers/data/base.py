@@ -1,5 +1,6 @@
-"""What every DataModule here shares: loader settings, deterministic worker seeding, the `num_classes` contract,
-in-memory datasets and, for those, the option to hold them on the accelerator (`on_device`)."""
+"""What every DataModule here shares: the loaders (settings, seeded shuffling and worker streams kept in checkpoints,
+disjoint evaluation shards under DDP), the image DataModules' `num_classes` contract, in-memory datasets and, for
+those, the option to hold them on the accelerator (`on_device`)."""
 
 from __future__ import annotations
 
@@ -66,11 +67,13 @@ class InMemoryDataset(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[index])
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Base class: subclasses set `num_classes` and build `train_set`, `val_set` (and optionally `test_set`) in `setup`.
+class LoaderDataModule(L.LightningDataModule):
+    """Base class of every DataModule here: the loaders' settings, seeded random streams and distributed sampling.
+
+    Subclasses build `train_set`, `val_set` (and optionally `test_set`) in `setup` and say how samples form batches
+    (`_batching`).
 
     Args:
-        batch_size: images per batch on each device.
         num_workers: loader worker processes (0 loads in the main process).
         pin_memory: page-locked host memory, so batches are copied to the GPU asynchronously (Lightning copies with
             `non_blocking=True`); `None` pins only when the Trainer runs on CUDA (on CPU pinning only costs time).
@@ -79,19 +82,9 @@ class ImageDataModule(L.LightningDataModule):
             (`stream_seed`), so two runs with the same seeds see the same batches.
     """
 
-    num_classes: int
-    on_device: bool = False  # set by DataModules of in-memory data that offer the option (`DeviceLoader`)
-
-    def __init__(
-        self,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, num_workers: int = 0, pin_memory: bool | None = None, persistent_workers: bool = True,
+                 seed: int = 0) -> None:
         super().__init__()
-        self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -106,28 +99,26 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader | DeviceLoader:
+    def _placement(self) -> tuple[torch.device, int, int]:
+        """The device batches go to, this process's rank and the world size (CPU, 0, 1 without a Trainer)."""
+        trainer = self.trainer
+        if trainer is None:  # the DataModule used on its own
+            return torch.device("cpu"), 0, 1
+        return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
+
+    def _batching(self, dataset: Dataset, train: bool, rank: int, world: int) -> dict[str, Any]:
+        """The DataLoader arguments that group `dataset`'s samples into batches (`batch_size` and `sampler`, or a
+        `batch_sampler`) on rank `rank` of `world`, and `collate_fn` where the default one does not fit."""
+        raise NotImplementedError
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no dataset for this stage; was setup() called?")
-        trainer = self.trainer  # None when the DataModule is used on its own
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        if self.on_device:
-            return DeviceLoader(dataset.images, dataset.labels, dataset.transform, self.batch_size, shuffle=train,
-                                drop_last=train, seed=self.stream_seed, device=device, rank=rank, world_size=world)
-        sampler = RandomSampler(dataset, generator=self.shuffle_generator) if train else None  # DDP: Lightning's own
-        if not train and world > 1:
-            # Lightning's DistributedSampler would pad the ranks' shards to equal length by repeating samples, which
-            # then count twice in validation and test metrics. Disjoint shards instead (one rank may get one batch
-            # fewer): `self.log` weights each rank's mean by its sample count and torchmetrics sum over the ranks,
-            # so epoch metrics equal the single-process ones.
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        device, rank, world = self._placement()
         generator = self.worker_generator if train else torch.Generator().manual_seed(self.stream_seed)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=train,
+            **self._batching(dataset, train, rank, world),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory if self.pin_memory is not None else device.type == "cuda",
             persistent_workers=self.persistent_workers,
@@ -135,23 +126,65 @@ class ImageDataModule(L.LightningDataModule):
             generator=generator,
         )
 
-    def train_dataloader(self) -> DataLoader | DeviceLoader:
+    def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        # Datasets without a separate labelled test split (ImageNet, digits) test on the validation split.
+        return self._loader(self.test_set if self.test_set is not None else self.val_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
 
     def state_dict(self) -> dict[str, Any]:
         return {"shuffle_generator": self.shuffle_generator.get_state(),
                 "worker_generator": self.worker_generator.get_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "shuffle_generator" not in state_dict:  # a checkpoint from before the streams were saved: fresh streams
+            return
         self.shuffle_generator.set_state(state_dict["shuffle_generator"])
         self.worker_generator.set_state(state_dict["worker_generator"])
 
-    def val_dataloader(self) -> DataLoader | DeviceLoader:
-        return self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> DataLoader | DeviceLoader:
-        # Datasets without a separate labelled test split (ImageNet, digits) test on the validation split.
-        return self._loader(self.test_set if self.test_set is not None else self.val_set, train=False)
+class ImageDataModule(LoaderDataModule):
+    """Base class: subclasses set `num_classes` and build `train_set`, `val_set` (and optionally `test_set`) in `setup`.
 
-    def predict_dataloader(self) -> DataLoader | DeviceLoader:
-        return self.test_dataloader()
+    Args:
+        batch_size: images per batch on each device.
+        num_workers, pin_memory, persistent_workers, seed: see `LoaderDataModule`.
+    """
+
+    num_classes: int
+    on_device: bool = False  # set by DataModules of in-memory data that offer the option (`DeviceLoader`)
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(num_workers, pin_memory, persistent_workers, seed)
+        self.batch_size = batch_size
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader | DeviceLoader:
+        if not self.on_device or dataset is None:  # the base class names the missing dataset
+            return super()._loader(dataset, train)
+        device, rank, world = self._placement()
+        return DeviceLoader(dataset.images, dataset.labels, dataset.transform, self.batch_size, shuffle=train,
+                            drop_last=train, seed=self.stream_seed, device=device, rank=rank, world_size=world)
+
+    def _batching(self, dataset: Dataset, train: bool, rank: int, world: int) -> dict[str, Any]:
+        sampler = RandomSampler(dataset, generator=self.shuffle_generator) if train else None  # DDP: Lightning's own
+        if not train and world > 1:
+            # Lightning's DistributedSampler would pad the ranks' shards to equal length by repeating samples, which
+            # then count twice in validation and test metrics. Disjoint shards instead (one rank may get one batch
+            # fewer). The tasks' epoch metrics are torchmetrics states summed over the ranks, so they equal the
+            # single-process ones; `self.log(..., sync_dist=True)` would average the ranks' means (Lightning #21838).
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return {"batch_size": self.batch_size, "sampler": sampler, "drop_last": train}

@@ -12,12 +12,12 @@ Sequences are right-padded with `pad_id`. Batches hold a number of *tokens*, not
 from __future__ import annotations
 
 import gzip
-import math
 from pathlib import Path
+from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.nn.utils.rnn import pad_sequence
@@ -30,6 +30,7 @@ from torch.utils.data import (
 )
 
 from lit_papers.callbacks.images import local_log_dir
+from lit_papers.data.base import LoaderDataModule
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the defaults of `lit_papers.nets.transformer.Transformer`
 PAD_ID, BOS_ID, EOS_ID = range(3)
@@ -134,9 +135,11 @@ class TokenBatchSampler(BatchSampler):
     the whole split (`pool_size=None`) gives the least padding (fairseq's scheme); small pools mix lengths across
     batches, which some tasks need (batches of a single length bias the gradient when the mapping depends on length).
 
-    Under DDP Lightning passes a `DistributedSampler` as `sampler`: only its rank, world size and epoch are used, and
-    each rank takes every `world_size`-th batch. The list is padded by repeating batches so all ranks step equally
-    often, so a few evaluation sentences are scored twice, as with Lightning's own `DistributedSampler`.
+    Only the rank, world size and epoch of `sampler` are used (Lightning sets the epoch, and under DDP swaps in its
+    own `DistributedSampler`, keeping the other arguments). Each rank takes every `world_size`-th batch, the batches
+    split as Lightning's samplers split samples: training pads the list by repeating batches, as `DistributedSampler`
+    does, so all ranks step equally often; with `unrepeated` the shards are disjoint and one rank may get one batch
+    fewer, as `UnrepeatedDistributedSampler` does, so evaluation scores every sentence once.
 
     Args:
         sampler: where the epoch (and, under DDP, rank and world size) come from.
@@ -147,13 +150,13 @@ class TokenBatchSampler(BatchSampler):
         pool_size: sentences sorted by length together; `None`: the whole split.
         seed: seeds the tie-breaking and the shuffles (same on all ranks).
         drop_last: unused (lengths decide batch sizes); kept so Lightning can re-create the sampler.
+        unrepeated: disjoint shards of the batches across ranks, none repeated (evaluation).
     """
 
     def __init__(self, sampler: Sampler, src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int,
-                 shuffle: bool = True, pool_size: int | None = None, seed: int = 0, drop_last: bool = False) -> None:
+                 shuffle: bool = True, pool_size: int | None = None, seed: int = 0, drop_last: bool = False,
+                 unrepeated: bool = False) -> None:
         self.sampler, self.shuffle, self.seed, self.drop_last = sampler, shuffle, seed, drop_last
-        self.num_replicas = getattr(sampler, "num_replicas", 1)
-        self.rank = getattr(sampler, "rank", 0)
         order = np.random.default_rng(seed).permutation(len(src_lengths))  # random order among equal lengths
         pool_size = pool_size or max(len(order), 1)
         self.batches: list[list[int]] = []
@@ -161,6 +164,10 @@ class TokenBatchSampler(BatchSampler):
             pool = order[start:start + pool_size]
             pool = pool[np.lexsort((src_lengths[pool], tgt_lengths[pool]))]  # stable: by target, then source length
             self._cut(pool.tolist(), src_lengths, tgt_lengths, max_tokens)
+        # This rank's positions in the (shuffled) list of batches.
+        split = UnrepeatedDistributedSampler if unrepeated else DistributedSampler
+        self.shard = split(self.batches, num_replicas=getattr(sampler, "num_replicas", 1),
+                           rank=getattr(sampler, "rank", 0), shuffle=False)
 
     def _cut(self, pool: list[int], src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int) -> None:
         batch, longest = [], 0
@@ -175,65 +182,54 @@ class TokenBatchSampler(BatchSampler):
             self.batches.append(batch)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.batches) / self.num_replicas)
+        return len(self.shard)
 
     def __iter__(self):
         order = np.arange(len(self.batches))
         if self.shuffle:
             order = np.random.default_rng([self.seed, getattr(self.sampler, "epoch", 0)]).permutation(order)
-        order = np.resize(order, len(self) * self.num_replicas)  # repeat from the start to a multiple of world size
-        for i in order[self.rank::self.num_replicas].tolist():
-            yield self.batches[i]
+        for position in self.shard:
+            yield self.batches[order[position]]
 
 
-class Seq2SeqDataModule(L.LightningDataModule):
+class Seq2SeqDataModule(LoaderDataModule):
     """Base class: subclasses set `vocab_size` and the `train_set`, `val_set`, `test_set` `PairDataset`s, and
-    implement `decode`. Loaders batch by tokens (`TokenBatchSampler`).
+    implement `decode`. Loaders batch by tokens (`TokenBatchSampler`); the rest (workers, pinning, seeds, checkpointed
+    streams) is `LoaderDataModule`'s.
+
+    The training batches' order is drawn from the seed and the epoch, as Lightning's `DistributedSampler` draws its
+    shuffle, so a run resumed at an epoch boundary sees the batches of an uninterrupted one without saved state.
 
     Args:
         max_tokens: padded tokens per batch and side on each device (the paper: ~25000 per step over all devices).
         pool_size: training sentences sorted by length together before batching (see `TokenBatchSampler`); `None`
             sorts the whole split. Evaluation always sorts the whole split.
         num_workers: loader worker processes.
-        seed: seeds the batch order.
+        seed: seeds the batch order, together with `seed_everything`'s seed (`lit_papers.data.base.stream_seed`).
     """
 
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
     vocab_size: int
+    train_set: PairDataset | None
+    val_set: PairDataset | None
+    test_set: PairDataset | None
 
     def __init__(self, max_tokens: int = 25000, pool_size: int | None = None, num_workers: int = 0,
                  seed: int = 0) -> None:
-        super().__init__()
-        self.max_tokens, self.pool_size, self.num_workers, self.seed = max_tokens, pool_size, num_workers, seed
-        self.train_set: PairDataset | None = None
-        self.val_set: PairDataset | None = None
-        self.test_set: PairDataset | None = None
+        super().__init__(num_workers=num_workers, seed=seed)
+        self.max_tokens, self.pool_size = max_tokens, pool_size
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Token ids (special tokens allowed, they are dropped) -> text."""
         raise NotImplementedError
 
-    def _loader(self, dataset: PairDataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__} has no dataset for this stage; was setup() called?")
-        # A one-replica DistributedSampler only carries the epoch Lightning sets; under DDP Lightning swaps in its own.
-        epochs = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+    def _batching(self, dataset: PairDataset, train: bool, rank: int, world: int) -> dict[str, Any]:
+        # The sampler only carries the rank, world size and epoch (see `TokenBatchSampler`).
+        epochs = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         batches = TokenBatchSampler(epochs, dataset.src_lengths, dataset.tgt_lengths, self.max_tokens, shuffle=train,
-                                    pool_size=self.pool_size if train else None, seed=self.seed)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_pairs, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set if self.test_set is not None else self.val_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+                                    pool_size=self.pool_size if train else None, seed=self.stream_seed,
+                                    unrepeated=not train)
+        return {"batch_sampler": batches, "collate_fn": collate_pairs}
 
 
 class ParallelTextDataModule(Seq2SeqDataModule):
@@ -349,10 +345,12 @@ class ParallelTextDataModule(Seq2SeqDataModule):
     def decode(self, ids: list[list[int]]) -> list[str]:
         return self.tokenizer.decode_batch(ids, skip_special_tokens=True)
 
-    def state_dict(self) -> dict:
-        return {"tokenizer": self.tokenizer.to_str()}  # checkpoints carry the vocabulary their weights were trained on
+    def state_dict(self) -> dict[str, Any]:
+        # Checkpoints carry the vocabulary their weights were trained on.
+        return super().state_dict() | {"tokenizer": self.tokenizer.to_str()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self._tokenizer = Tokenizer.from_str(state_dict["tokenizer"])
         self.train_set = self.val_set = self.test_set = None  # re-tokenize with the restored vocabulary
 

@@ -74,6 +74,41 @@ class Task(L.LightningModule):
         self.skipped_steps = 0
         self._pending_losses: list[torch.Tensor] = []  # losses backpropagated since the last optimizer step
         self._saved_buffers: list[torch.Tensor] | None = None  # "skip": buffers as they were before the batch
+        self._step_sums: dict[str, tuple[torch.Tensor, Any, bool]] = {}  # `log_train_step`: sum, weights, prog_bar
+
+    def log_train_step(self, name: str, value: torch.Tensor, prog_bar: bool = False,
+                       weight: int | torch.Tensor = 1) -> None:
+        """Log a per-batch training value as its `weight`-weighted mean over the batches since the loggers last wrote.
+
+        Use it instead of `self.log(name, value)` in a training step. Lightning writes step values to the loggers only
+        every `log_every_n_steps` batches, but `self.log` costs ~0.3 ms on every call (Lightning 2.6 moves the value's
+        whole record to the device each time): a fifth of a small net's step on a CPU and, on a GPU, host time the next
+        kernels wait for. Here each call adds on the device (no sync), and the windows go to `self.log` only at the end
+        of the batches whose values Lightning writes and of each epoch: the loggers and the progress bar show the mean
+        since the last write, and callbacks that read the value at an epoch's end (checkpoints monitoring it) find it.
+        """
+        total, count, _ = self._step_sums.get(name, (0.0, 0, prog_bar))
+        self._step_sums[name] = (total + value.detach().float() * weight, count + weight, prog_bar)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        written, last = self._train_batch_role()
+        if self._step_sums and (written or last):
+            for name, (total, count, prog_bar) in self._step_sums.items():
+                self.log(name, total / count, prog_bar=prog_bar)
+            if written:  # the window closes when the loggers take it; at an epoch's end only the callbacks read it
+                self._step_sums.clear()
+
+    def _train_batch_role(self) -> tuple[bool, bool]:
+        """Whether Lightning writes this batch's step values to the loggers (it asks the same for its own
+        `LearningRateMonitor`), and whether the batch is the last of its epoch or of the run, after which callbacks
+        (checkpoints, early stopping) read the values."""
+        try:  # private in Lightning 2.6: if it moves, log every batch (correct, only slower)
+            epoch_loop = self.trainer.fit_loop.epoch_loop
+            accumulating = self.automatic_optimization and epoch_loop._should_accumulate()
+            written = self.trainer._logger_connector.should_update_logs and not accumulating
+            return written, epoch_loop._is_training_done
+        except AttributeError:
+            return True, True
 
     def on_fit_start(self) -> None:
         # `seed_everything` (and a resumed checkpoint, which holds rank 0's streams) starts every rank on the same

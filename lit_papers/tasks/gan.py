@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lit_papers.metrics.parzen import DEFAULT_SIGMAS, parzen_estimate, select_sigma
 from lit_papers.tasks.base import NonFiniteLoss, Task, save_task_hyperparameters
@@ -50,6 +52,21 @@ def generator_loss(fake_logits: torch.Tensor, loss: GeneratorLoss = "non_saturat
     if loss == "non_saturating":
         return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
     raise ValueError(f"unknown generator loss {loss!r}; use 'non_saturating' or 'minimax'")
+
+
+def gather_in_dataset_order(data: torch.Tensor) -> torch.Tensor:
+    """Every DDP rank's evaluation examples `(N_r, D)`, together in dataset order `(N, D)`, on every rank.
+
+    Evaluation samplers (Lightning's and `UnrepeatedDistributedSampler`, unshuffled) deal example i to rank
+    i % world_size, so the ranks' shards can differ in length by one: torchmetrics' gather pads and trims them, where
+    `LightningModule.all_gather` needs equal shapes. In dataset order, the examples that choose the Parzen sigma are
+    the same whatever the number of processes.
+    """
+    shards = gather_all_tensors(data)
+    world_size = len(shards)
+    index = torch.cat([torch.arange(len(shard), device=data.device) * world_size + rank
+                       for rank, shard in enumerate(shards)])  # each example's index in the dataset
+    return torch.cat(shards)[index.argsort()]
 
 
 class GAN(Task):
@@ -128,6 +145,12 @@ class GAN(Task):
         self.register_buffer("fixed_noise", fixed, persistent=False)
         self.register_buffer("parzen_sigma", torch.tensor(0.0))  # chosen at validation, used at test; 0 = not yet
         self._parzen_data: list[torch.Tensor] = []
+        # D's mean output on real and on generated samples, as torchmetrics means over samples: summed over DDP ranks
+        # exactly, where `self.log(..., sync_dist=True)` averages the ranks' means, wrong when their shards differ in
+        # size (Lightning #21838).
+        self.eval_means = nn.ModuleDict({
+            stage: nn.ModuleDict({"d_real": MeanMetric(), "d_fake": MeanMetric()}) for stage in ("val", "test")
+        })
 
     # ------------------------------------------------------------------------------------------------- sampling
 
@@ -172,7 +195,9 @@ class GAN(Task):
     def setup(self, stage: str) -> None:
         # Each backward reaches one net only (the other is frozen by toggle_optimizer), so DDP must look for parameters
         # without gradients, or its reducer waits for them and fails at the next step. Set here, before the strategy
-        # wraps the module, so a plain `strategy: ddp` works (`_ddp_kwargs` holds DDPStrategy's DDP arguments).
+        # wraps the module, so a plain `strategy: ddp` works. `_ddp_kwargs` (DDPStrategy's DDP arguments) is private,
+        # but Lightning 2.6 gives a module no public way to set them; the public ones are the user's (the strategy
+        # "ddp_find_unused_parameters_true" or `DDPStrategy(find_unused_parameters=True)`, named by Lightning's error).
         kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
         if isinstance(self.trainer.strategy, DDPStrategy) and isinstance(kwargs, dict):
             kwargs["find_unused_parameters"] = True
@@ -193,14 +218,9 @@ class GAN(Task):
         d_opt.step()  # gradients are clipped in on_before_optimizer_step, after AMP has unscaled them
         self.untoggle_optimizer(d_opt)
         self._step_schedulers(d_opt, "step")
-        self.log_dict(
-            {
-                "train/d_loss": d_loss.detach(),
-                "train/d_real": real_logits.detach().sigmoid().mean(),
-                "train/d_fake": fake_logits.detach().sigmoid().mean(),
-            },
-            prog_bar=True,
-        )
+        self.log_train_step("train/d_loss", d_loss, prog_bar=True)
+        self.log_train_step("train/d_real", real_logits.sigmoid().mean(), prog_bar=True)
+        self.log_train_step("train/d_fake", fake_logits.sigmoid().mean(), prog_bar=True)
 
         # global_step counts k + 1 steps per iteration, so after this D step it reads k exactly when it was the k-th.
         if self.trainer.global_step % (self.k + 1) != self.k:
@@ -212,7 +232,7 @@ class GAN(Task):
         g_opt.step()
         self.untoggle_optimizer(g_opt)
         self._step_schedulers(g_opt, "step")
-        self.log("train/g_loss", g_loss.detach(), prog_bar=True)
+        self.log_train_step("train/g_loss", g_loss, prog_bar=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)  # the non-finite loss policy, before clipping
@@ -252,8 +272,10 @@ class GAN(Task):
     def _evaluate(self, batch, stage: str) -> None:
         real = self._real(batch)
         real_logits, fake_logits = self._logits(real), self._logits(self.generator(self.noise(real.shape[0])))
-        self.log(f"{stage}/d_real", real_logits.sigmoid().mean(), sync_dist=True)
-        self.log(f"{stage}/d_fake", fake_logits.sigmoid().mean(), sync_dist=True)
+        for name, logits in (("d_real", real_logits), ("d_fake", fake_logits)):
+            mean = self.eval_means[stage][name]
+            mean.update(logits.sigmoid())  # (B,): one value per sample
+            self.log(f"{stage}/{name}", mean)
         if self.parzen_samples > 0 and not self.trainer.sanity_checking:
             self._parzen_data.append(real.flatten(1).float())
 
@@ -282,7 +304,7 @@ class GAN(Task):
         data = torch.cat(self._parzen_data)
         self._parzen_data.clear()
         if self.trainer.world_size > 1:  # every process scores all examples, so all choose the same sigma
-            data = self.all_gather(data).flatten(0, 1)
+            data = gather_in_dataset_order(data)
         samples = self.parzen_reference_samples()
         if stage == "test" and self.parzen_sigma > 0:
             scored, sigma = data, float(self.parzen_sigma)

@@ -18,6 +18,7 @@ import functools
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
 
 from lit_papers.callbacks.images import log_images, min_max_scale
 from lit_papers.nets.mae import MaskedAutoencoderViT
@@ -74,13 +75,16 @@ class MAEPretraining(FastPathsMixin, Task):
         self.base_lr, self.mask_ratio = base_lr, mask_ratio
         self.log_images_every_n_epochs, self.num_log_images = log_images_every_n_epochs, num_log_images
         self._val_images: torch.Tensor | None = None
+        # A torchmetrics mean weighted by images: summed over DDP ranks exactly, where `self.log(..., sync_dist=True)`
+        # averages the ranks' means, wrong when their shards differ in size (Lightning #21838).
+        self.val_loss = MeanMetric()
 
     def forward(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.net(imgs, self.mask_ratio)  # loss, pred (B, L, P*P*C), mask (B, L)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self.net(_images(batch), self.mask_ratio)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_step("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -88,7 +92,9 @@ class MAEPretraining(FastPathsMixin, Task):
         if batch_idx == 0:
             self._val_images = images[: self.num_log_images]
         loss, _, _ = self.net(images, self.mask_ratio)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        # Every image has the same number of masked patches, so its share of the batch's loss is 1 / B.
+        self.val_loss.update(loss, weight=len(images))
+        self.log("val/loss", self.val_loss, prog_bar=True)
 
     @torch.no_grad()
     def reconstruction_panels(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -211,8 +211,11 @@ class Translation(Task):
         self.scheduler_factory = lr_scheduler
         self.label_smoothing, self.max_len_offset, self.num_samples = label_smoothing, max_len_offset, num_samples
         self.beam_size, self.length_penalty, self.val_beam_size = beam_size, length_penalty, val_beam_size
+        # Per-token means (loss, nll) as torchmetrics means weighted by tokens: summed over DDP ranks exactly, where
+        # `self.log(..., sync_dist=True)` averages the ranks' means, wrong for unequal token counts (Lightning #21838).
         self.metrics = nn.ModuleDict({
-            stage: nn.ModuleDict({"bleu": SacreBLEUScore(), "exact_match": MeanMetric(), "nll": MeanMetric()})
+            stage: nn.ModuleDict({"bleu": SacreBLEUScore(), "exact_match": MeanMetric(), "loss": MeanMetric(),
+                                  "nll": MeanMetric()})
             for stage in ("val", "test")
         })
         self._samples: list[list[str]] = []
@@ -247,24 +250,24 @@ class Translation(Task):
             raise RuntimeError("translating needs a DataModule with `decode` (see `lit_papers.data.translation`)")
         return data.decode(ids)
 
-    def _losses(self, batch: dict, with_nll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    def _losses(self, batch: dict, with_nll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Label-smoothed loss and (for perplexity) plain NLL per non-padding target token, and their count."""
         tgt_out = batch["tgt"][:, 1:]  # (B, T-1): predict each next token
         logits = self.net(batch["src"], batch["tgt"][:, :-1]).flatten(0, 1)  # (B*(T-1), V)
         pad, target = self.net.pad_id, tgt_out.flatten()
         loss = F.cross_entropy(logits, target, ignore_index=pad, label_smoothing=self.label_smoothing)
         nll = F.cross_entropy(logits, target, ignore_index=pad) if with_nll else None
-        return loss, nll, int((tgt_out != pad).sum())
+        return loss, nll, (tgt_out != pad).sum()  # a tensor: reading the count on the host would wait for the device
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, num_tokens = self._losses(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=num_tokens)
+        self.log_train_step("train/loss", loss, prog_bar=True, weight=num_tokens)  # mean per token over the window
         return loss
 
     def _evaluate(self, batch: dict, batch_idx: int, stage: str, beam_size: int) -> None:
         loss, nll, num_tokens = self._losses(batch, with_nll=True)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=num_tokens, sync_dist=True)
         metrics = self.metrics[stage]
+        metrics["loss"].update(loss, num_tokens)
         metrics["nll"].update(nll, num_tokens)
         hypotheses = self._decode(self.generate(batch["src"], beam_size))
         metrics["bleu"].update(hypotheses, [[ref] for ref in batch["tgt_text"]])
@@ -276,6 +279,7 @@ class Translation(Task):
 
     def _log_epoch(self, stage: str) -> None:
         metrics = self.metrics[stage]
+        self.log(f"{stage}/loss", metrics["loss"].compute(), prog_bar=stage == "val")
         self.log(f"{stage}/bleu", metrics["bleu"].compute() * 100, prog_bar=stage == "val")  # 0-100, as in papers
         self.log(f"{stage}/ppl", metrics["nll"].compute().exp())
         self.log(f"{stage}/exact_match", metrics["exact_match"].compute())
