@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import random
 from typing import Any, Literal
 
@@ -58,7 +59,7 @@ class Task(L.LightningModule):
       step and step-wise LR schedules still advance, as with AMP's skipped steps.
 
     With gradient accumulation, one non-finite micro-batch decides for the whole step. Under DDP/FSDP the ranks add up
-    their verdicts (one all-reduce of one number per step), so all of them stop or skip together and none waits for
+    their losses (one all-reduce of one number per step), so all of them stop or skip together and none waits for
     the others in a collective. The check costs one device-to-host read per optimizer step, made after the backward
     pass has been queued, where AMP's gradient scaler makes its own.
 
@@ -72,7 +73,7 @@ class Task(L.LightningModule):
             raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
         self.nonfinite_loss = nonfinite_loss
         self.skipped_steps = 0
-        self._pending_losses: list[torch.Tensor] = []  # losses backpropagated since the last optimizer step
+        self._pending_loss: torch.Tensor | None = None  # sum of the losses backpropagated since the last step
         self._saved_buffers: list[torch.Tensor] | None = None  # "skip": buffers as they were before the batch
         self._step_sums: dict[str, tuple[torch.Tensor, Any, bool]] = {}  # `log_train_step`: sum, weights, prog_bar
 
@@ -87,8 +88,11 @@ class Task(L.LightningModule):
         of the batches whose values Lightning writes and of each epoch: the loggers and the progress bar show the mean
         since the last write, and callbacks that read the value at an epoch's end (checkpoints monitoring it) find it.
         """
+        value = value.detach().float()
+        if not (isinstance(weight, int) and weight == 1):  # spares a tensor operation in the common case
+            value = value * weight
         total, count, _ = self._step_sums.get(name, (0.0, 0, prog_bar))
-        self._step_sums[name] = (total + value.detach().float() * weight, count + weight, prog_bar)
+        self._step_sums[name] = (total + value, count + weight, prog_bar)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         written, last = self._train_batch_role()
@@ -132,20 +136,22 @@ class Task(L.LightningModule):
                 torch._foreach_copy_(self._saved_buffers, buffers)
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
-        self._pending_losses.append(loss.detach().float())  # no sync here: the verdict is read before the step
+        # Summed (no sync here; the verdict is read before the step): a sum is finite only if every term is.
+        loss = loss.detach().float()
+        self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._pending_losses:
+        if self._pending_loss is None:
             return
-        losses, self._pending_losses = torch.stack(self._pending_losses), []  # (micro-batches,)
-        bad = (~torch.isfinite(losses)).sum().float()
-        bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # how many micro-batch losses were bad on all ranks
-        if not bad.item():
+        local, self._pending_loss = self._pending_loss, None  # this rank's losses since the last step, summed
+        total = local
+        if self.trainer.world_size > 1:  # all ranks' sum (reduced in place, hence the copy): non-finite if any is
+            total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        if math.isfinite(total.item()):
             if self.nonfinite_loss == "skip":
                 self.log("train/skipped_steps", float(self.skipped_steps))
             return
-        local = losses[~torch.isfinite(losses)]
-        loss = f"loss {local[0].item()}" if len(local) else "a non-finite loss on another process"
+        loss = f"loss {local.item()}" if not math.isfinite(local.item()) else "a non-finite loss on another process"
         where = f"global step {self.trainer.global_step} (epoch {self.current_epoch})"
         if self.nonfinite_loss == "stop":
             raise NonFiniteLossError(
