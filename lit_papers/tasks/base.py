@@ -87,6 +87,7 @@ class Task(L.LightningModule):
         kernels wait for. Here each call adds on the device (no sync), and the windows go to `self.log` only at the end
         of the batches whose values Lightning writes and of each epoch: the loggers and the progress bar show the mean
         since the last write, and callbacks that read the value at an epoch's end (checkpoints monitoring it) find it.
+        A subclass that overrides `on_train_batch_end` must call `super().on_train_batch_end(...)`, which logs.
         """
         value = value.detach().float()
         if not (isinstance(weight, int) and weight == 1):  # spares a tensor operation in the common case
