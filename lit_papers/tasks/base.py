@@ -55,8 +55,9 @@ class Task(L.LightningModule):
     - "stop" raises `NonFiniteLossError` naming the global step and the loss, before the step touches the weights.
     - "skip" drops the optimizer step: the gradients are discarded, so no parameter or optimizer state changes (no
       momentum, no weight decay, no Adam step count), and buffers such as BatchNorm running statistics are put back as
-      they were before the batch. `train/skipped_steps` counts the skips; the count is kept in checkpoints. The global
-      step and step-wise LR schedules still advance, as with AMP's skipped steps.
+      they were before the batch. `train/skipped_steps` counts the skips (logged like `log_train_step`'s values); the
+      count is kept in checkpoints. The global step and step-wise LR schedules still advance, as with AMP's skipped
+      steps.
 
     With gradient accumulation, one non-finite micro-batch decides for the whole step. Under DDP/FSDP the ranks add up
     their losses (one all-reduce of one number per step), so all of them stop or skip together and none waits for
@@ -97,11 +98,14 @@ class Task(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         written, last = self._train_batch_role()
-        if self._step_sums and (written or last):
-            for name, (total, count, prog_bar) in self._step_sums.items():
-                self.log(name, total / count, prog_bar=prog_bar)
-            if written:  # the window closes when the loggers take it; at an epoch's end only the callbacks read it
-                self._step_sums.clear()
+        if not (written or last):
+            return
+        for name, (total, count, prog_bar) in self._step_sums.items():
+            self.log(name, total / count, prog_bar=prog_bar)
+        if written:  # the window closes when the loggers take it; at an epoch's end only the callbacks read it
+            self._step_sums.clear()
+        if self.nonfinite_loss == "skip":
+            self.log("train/skipped_steps", float(self.skipped_steps))
 
     def _train_batch_role(self) -> tuple[bool, bool]:
         """Whether Lightning writes this batch's step values to the loggers (it asks the same for its own
@@ -149,8 +153,6 @@ class Task(L.LightningModule):
         if self.trainer.world_size > 1:  # all ranks' sum (reduced in place, hence the copy): non-finite if any is
             total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
         if math.isfinite(total.item()):
-            if self.nonfinite_loss == "skip":
-                self.log("train/skipped_steps", float(self.skipped_steps))
             return
         loss = f"loss {local.item()}" if not math.isfinite(local.item()) else "a non-finite loss on another process"
         where = f"global step {self.trainer.global_step} (epoch {self.current_epoch})"
@@ -162,8 +164,7 @@ class Task(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)  # optimizers leave parameters without gradients untouched
         if self._saved_buffers:
             torch._foreach_copy_([b.detach() for b in self.buffers()], self._saved_buffers)
-        self.skipped_steps += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
+        self.skipped_steps += 1  # logged with the per-batch values (`on_train_batch_end`)
         if self.trainer.is_global_zero:
             log.warning("skipped the optimizer step at %s: %s (%d skipped so far)", where, loss, self.skipped_steps)
 
