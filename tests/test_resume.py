@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import tiny_configs as tiny
 import torch
+from run_state import assert_bitwise_equal, training_state
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lit_papers.callbacks.resume import ResumeState
@@ -49,33 +50,6 @@ data:
 
 def fit(config: Path, root: str, *args: str):
     return main(["fit", "--config", str(config), f"--trainer.default_root_dir={root}", *args])
-
-
-def training_state(cli) -> dict:
-    """Everything that must match: weights and buffers, optimizer and scheduler states, the step counters."""
-    return {
-        "model": cli.model.state_dict(),
-        "optimizers": [opt.state_dict() for opt in cli.trainer.optimizers],
-        "schedulers": [config.scheduler.state_dict() for config in cli.trainer.lr_scheduler_configs],
-        "global_step": cli.trainer.global_step,
-        "epoch": cli.trainer.current_epoch,
-    }
-
-
-def assert_bitwise_equal(a, b, where: str = "") -> None:
-    """torch.equal on every tensor, == on everything else, recursively."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"tensors differ at {where}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys differ at {where}"
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"lengths differ at {where}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{a!r} != {b!r} at {where}"
 
 
 def count_tensors(state) -> int:

@@ -11,7 +11,7 @@ from conftest import REPO_ROOT
 from lightning.fabric.utilities.data import _replace_dunder_methods
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.data import _update_dataloader
-from test_resume import assert_bitwise_equal, training_state
+from run_state import assert_bitwise_equal, training_state
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from lit_papers.cli import main
