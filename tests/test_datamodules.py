@@ -47,6 +47,17 @@ def bad_root(tmp_path, imagenet_root) -> tuple[Path, dict[str, Path]]:
     return tmp_path, add_bad_files(tmp_path / "train" / CLASSES[0])
 
 
+def pil_eval_crop(path: Path, resample: int) -> torch.Tensor:
+    """The evaluation view computed with PIL alone: short side resized to 256 with `resample`, the centre 224 x 224,
+    normalised with ImageNet's mean and std; (3, 224, 224)."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    img = img.resize((int(w * 256 / h), 256) if h < w else (256, int(h * 256 / w)), resample)
+    left, top = (img.width - 224) // 2, (img.height - 224) // 2
+    ref = torch.from_numpy(np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255)
+    return ((ref - torch.tensor(T.IMAGENET_MEAN)) / torch.tensor(T.IMAGENET_STD)).permute(2, 0, 1)
+
+
 def test_imagenet_batches_are_normalised_224_crops(imagenet_root):
     dm = ImageNetDataModule(imagenet_root, batch_size=4, num_workers=0)
     assert dm.num_classes == 3 and dm.classes == CLASSES  # known before setup, for linking to the model
@@ -56,13 +67,8 @@ def test_imagenet_batches_are_normalised_224_crops(imagenet_root):
     assert len(dm.train_set) == 12 and len(dm.val_set) == 6
     # Validation image 0 against an independent PIL computation: short side 256, centre 224, ImageNet mean/std.
     xv, yv = next(iter(dm.val_dataloader()))
-    img = Image.open(dm.val_set.path(0)).convert("RGB")
-    w, h = img.size
-    img = img.resize((int(w * 256 / h), 256) if h < w else (256, int(h * 256 / w)), Image.BILINEAR)
-    left, top = (img.width - 224) // 2, (img.height - 224) // 2
-    ref = torch.from_numpy(np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255)
-    ref = (ref - torch.tensor(T.IMAGENET_MEAN)) / torch.tensor(T.IMAGENET_STD)
-    assert yv[0] == 0 and (xv[0].permute(1, 2, 0) - ref).abs().mean() < 0.03
+    ref = pil_eval_crop(dm.val_set.path(0), Image.BILINEAR)
+    assert yv[0] == 0 and (xv[0] - ref).abs().mean() < 0.03
 
 
 @pytest.mark.parametrize("pipeline", ["resnet", "mae", "mae_finetune"])
@@ -79,13 +85,7 @@ def test_mae_pipelines_evaluate_with_a_bicubic_resize_and_crop_as_the_reference(
     dm = ImageNetDataModule(imagenet_root, pipeline="mae_finetune", batch_size=2, num_workers=0)
     dm.setup("fit")
     xv, _ = next(iter(dm.val_dataloader()))
-    img = Image.open(dm.val_set.path(0)).convert("RGB")
-    w, h = img.size
-    img = img.resize((int(w * 256 / h), 256) if h < w else (256, int(h * 256 / w)), Image.BICUBIC)
-    left, top = (img.width - 224) // 2, (img.height - 224) // 2
-    ref = torch.from_numpy(np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255)
-    ref = ((ref - torch.tensor(T.IMAGENET_MEAN)) / torch.tensor(T.IMAGENET_STD)).permute(2, 0, 1)
-    assert (xv[0] - ref).abs().mean() < 0.005  # a bilinear resize is 0.03 away
+    assert (xv[0] - pil_eval_crop(dm.val_set.path(0), Image.BICUBIC)).abs().mean() < 0.005  # bilinear: 0.03 away
     assert dm.val_set.transform.transforms[0].interpolation == T.v2.InterpolationMode.BICUBIC
     erase = dm.train_set.transform.transforms[-1]
     assert isinstance(erase, T.v2.RandomErasing) and erase.p == 0.25 and dm.min_scale == 0.08
